@@ -1,0 +1,161 @@
+"""Every vLLM internal this plugin touches, in one place (pinned: vLLM 0.32.0).
+
+A vLLM version bump should be a change to this file only. What we rely on:
+
+Patched at plugin load (`install()`, called from the `vllm.general_plugins` entry point):
+- `vllm.engine.arg_utils.EngineArgs.create_speculative_config`: a dict with
+  `method="layerskip"` is checked (settings.resolve) and turned into a stock
+  `SpeculativeConfig(method="draft_model", model=<the target itself>)`, so the scheduler
+  reserves look-ahead KV slots and the runner plumbs draft probabilities as for any draft
+  model. The LayerSkip settings travel to the workers in
+  `VllmConfig.additional_config["layerskip"]`, and `ParallelConfig.worker_cls` points to
+  our worker.
+- `vllm.config.VllmConfig._get_v2_model_runner_unsupported_features`: LayerSkip runs on the
+  V1 runner (`vllm/v1/worker/gpu_model_runner.py`), whose hooks are used below.
+
+Subclassed or called (see proposer.py and runner.py, which import them from here):
+- `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`) and its base
+  `SpecDecodeBaseProposer`: we override `load_model`, `dummy_run` and `propose`, and use
+  `initialize_attn_backend`, `build_per_group_and_layer_attn_metadata` and
+  `_sample_draft_tokens` as they are.
+- `CPUWorker` / `Worker` (`init_device` builds the runner) and the V1 runner's
+  `execute_model`, `_build_attention_metadata` (its second return value: the batch's
+  `CommonAttentionMetadata`) and `_model_forward` (documented as the override point).
+- `set_forward_context` / `get_forward_context`: attention layers read their metadata and
+  slot mapping by layer name from it (`attn_metadata[name]`, `slot_mapping[name]`).
+- `CommonAttentionMetadata` fields: query_start_loc(_cpu), seq_lens, num_reqs,
+  num_actual_tokens, max_query_len, max_seq_len, block_table_tensor, slot_mapping, positions.
+- Decoder structure of Llama/Qwen2: `model.model.embed_input_ids`, `model.model.layers[i]
+  (positions, hidden, residual) -> (hidden, residual)`, `model.model.norm(hidden, residual)`,
+  `model.compute_logits`, attention module at `layers[i].self_attn.attn` with `layer_name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from vllm.config import SpeculativeConfig, VllmConfig
+from vllm.forward_context import get_forward_context, set_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+from . import settings
+
+__all__ = [
+    "CommonAttentionMetadata",
+    "DraftModelProposer",
+    "PADDING_SLOT_ID",
+    "get_forward_context",
+    "install",
+    "layerskip_settings",
+    "platform_worker_class",
+    "set_forward_context",
+]
+
+WORKER_CLS = "vllm_layerskip.runner.LayerSkipWorker"
+
+# SpeculativeConfig fields that keep their meaning with layerskip and may be passed through.
+PASS_THROUGH_FIELDS = (
+    "draft_sample_method",
+    "rejection_sample_method",
+    "synthetic_acceptance_length",
+    "synthetic_acceptance_rates",
+    "num_speculative_tokens_per_batch_size",
+    "max_model_len",
+    "enforce_eager",
+)
+
+
+def layerskip_settings(vllm_config: VllmConfig) -> settings.LayerSkipSettings | None:
+    """The settings a worker runs with, or None when LayerSkip is not in use."""
+    raw = (vllm_config.additional_config or {}).get(settings.METHOD)
+    return settings.LayerSkipSettings(**raw) if raw else None
+
+
+def platform_worker_class() -> type:
+    """The stock worker class of this platform, which LayerSkipWorker extends."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+def _hf_metadata(hf_config: Any) -> dict | None:
+    meta = getattr(hf_config, settings.METADATA_KEY, None)
+    return dict(meta) if isinstance(meta, dict) else None
+
+
+def _create_speculative_config(original, self, target_model_config, target_parallel_config):
+    user = self.speculative_config
+    if not (isinstance(user, dict) and user.get("method") == settings.METHOD):
+        return original(self, target_model_config, target_parallel_config)
+
+    hf_config = target_model_config.hf_text_config
+    chosen, passed_on = settings.resolve(
+        user,
+        architectures=getattr(target_model_config.hf_config, "architectures", None),
+        num_hidden_layers=hf_config.num_hidden_layers,
+        metadata=_hf_metadata(target_model_config.hf_config),
+        allowed_fields=PASS_THROUGH_FIELDS,
+        pipeline_parallel_size=target_parallel_config.pipeline_parallel_size,
+    )
+    if target_parallel_config.worker_cls not in ("auto", WORKER_CLS):
+        raise settings.LayerSkipConfigError(
+            f"layerskip brings its own worker; worker_cls must be 'auto', "
+            f"got {target_parallel_config.worker_cls!r}"
+        )
+    target_parallel_config.worker_cls = WORKER_CLS
+    self.additional_config = {**(self.additional_config or {}), settings.METHOD: chosen.as_dict()}
+    # Draft probabilities by default, so sampled requests keep high acceptance; the
+    # rejection sampler keeps the target distribution either way.
+    passed_on.setdefault("draft_sample_method", "probabilistic")
+    self.speculative_config = {
+        **passed_on,
+        "method": "draft_model",
+        "model": target_model_config.model,
+        "num_speculative_tokens": chosen.num_speculative_tokens,
+        "draft_tensor_parallel_size": target_parallel_config.tensor_parallel_size,
+    }
+    return original(self, target_model_config, target_parallel_config)
+
+
+def _v2_unsupported(original, self):
+    unsupported = original(self)
+    if layerskip_settings(self) is not None:
+        unsupported.append("speculative method 'layerskip'")
+    return unsupported
+
+
+def _wrap(cls: type, name: str, replacement) -> None:
+    original = getattr(cls, name)
+    if getattr(original, "__layerskip__", False):
+        return  # already installed in this process
+
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        return replacement(original, self, *args, **kwargs)
+
+    wrapper.__layerskip__ = True
+    setattr(cls, name, wrapper)
+
+
+def install() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    _wrap(EngineArgs, "create_speculative_config", _create_speculative_config)
+    _wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", _v2_unsupported)
+
+
+def replace_metadata(cm: CommonAttentionMetadata, **changes: Any) -> CommonAttentionMetadata:
+    return dataclasses.replace(cm, **changes)
+
+
+__all__ += ["PASS_THROUGH_FIELDS", "SpeculativeConfig", "replace_metadata"]

@@ -1,0 +1,184 @@
+"""The draft: the target's own first `exit_layer` layers, its final norm and its LM head.
+
+No weights are loaded or copied and no KV cache is allocated: `EarlyExitModel` holds
+references to the target's modules, and its attention layers are the target's, so a draft
+step writes the KV of layers < exit_layer straight into the target's paged cache blocks.
+Those entries are exactly what the target would write for the same tokens, so
+verification later reads them instead of recomputing them.
+
+A draft round for a request whose last sampled token is `t` at position p:
+
+    step 1: t       @ p      -> layers[:E] -> norm -> lm_head -> d1
+    step 2: d1      @ p+1    -> layers[:E] -> ...             -> d2
+    ...
+    step K: d_{K-1} @ p+K-1  -> layers[:E] -> ...             -> dK
+
+Tokens the target has already processed are never re-run (no re-prefill: their KV of
+layers < E is already in the shared cache). The layer-E states of t, d1..d_{K-1} are kept
+in `exit_states` so the verification pass only runs layers >= E for them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._vllm import (
+    PADDING_SLOT_ID,
+    CommonAttentionMetadata,
+    DraftModelProposer,
+    layerskip_settings,
+    set_forward_context,
+)
+from .exit_states import ExitStates
+
+
+class EarlyExitModel(nn.Module):
+    """A view of a decoder model that stops after `exit_layer` layers (shares all weights)."""
+
+    def __init__(self, target: nn.Module, exit_layer: int):
+        super().__init__()
+        self.target = target
+        self.exit_layer = exit_layer
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.target.model
+
+    def attention_layer_names(self) -> list[str]:
+        return [layer.self_attn.attn.layer_name for layer in self.decoder.layers[: self.exit_layer]]
+
+    def lower_layers(self, input_ids, positions, hidden=None, residual=None):
+        """Embed (unless `hidden` is given) and run layers [0, exit_layer)."""
+        if hidden is None:
+            hidden = self.decoder.embed_input_ids(input_ids)
+        for layer in self.decoder.layers[: self.exit_layer]:
+            hidden, residual = layer(positions, hidden, residual)
+        return hidden, residual  # both [n, d]; the residual stream is hidden + residual
+
+    def upper_layers(self, positions, hidden, residual):
+        """Run layers [exit_layer, L) and the final norm."""
+        for layer in self.decoder.layers[self.exit_layer :]:
+            hidden, residual = layer(positions, hidden, residual)
+        return self.decoder.norm(hidden, residual)[0]
+
+    def exit(self, hidden, residual):
+        return self.decoder.norm(hidden, residual)[0]
+
+    def forward(self, input_ids, positions, inputs_embeds=None, **_):
+        hidden, residual = self.lower_layers(input_ids, positions, hidden=inputs_embeds)
+        return self.exit(hidden, residual)
+
+    def compute_logits(self, hidden_states):
+        return self.target.compute_logits(hidden_states)
+
+
+class LayerSkipProposer(DraftModelProposer):
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config, device, runner=runner)
+        chosen = layerskip_settings(vllm_config)
+        assert chosen is not None, "LayerSkipProposer built without layerskip settings"
+        self.exit_layer = chosen.exit_layer
+        self.exit_states = ExitStates()
+        self.runner = runner  # its input_batch names the requests of each draft row
+
+    def load_model(self, target_model: nn.Module) -> None:
+        self.model = EarlyExitModel(target_model, self.exit_layer)
+        # The "draft attention layers" are the target's own layers < exit_layer: the base
+        # class builds metadata builders for them and no new KV cache is registered.
+        self._draft_attn_layer_names = set(self.model.attention_layer_names())
+
+    def dummy_run(self, num_tokens: int, *args, **kwargs) -> None:
+        with set_forward_context(None, self.vllm_config, num_tokens=num_tokens):
+            self.model(self.input_ids[:num_tokens], self._get_positions(num_tokens))
+
+    def _step_metadata(
+        self, verify: CommonAttentionMetadata, positions: torch.Tensor
+    ) -> tuple[CommonAttentionMetadata, torch.Tensor]:
+        """Attention metadata for one draft token per request at `positions` ([B])."""
+        batch = positions.shape[0]
+        in_range = positions < self.max_model_len
+        positions = positions.clamp(max=self.max_model_len - 1)
+        block_table = verify.block_table_tensor[:batch]
+        block_ids = block_table.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
+        slots = block_ids.to(torch.int64) * self.block_size + positions % self.block_size
+        slots = torch.where(in_range, slots, PADDING_SLOT_ID)
+        seq_lens = (positions + 1).to(verify.seq_lens.dtype)
+        arange = self.arange[: batch + 1]
+        metadata = CommonAttentionMetadata(
+            query_start_loc=arange,
+            query_start_loc_cpu=arange.cpu(),
+            seq_lens=seq_lens,
+            seq_lens_cpu_upper_bound=seq_lens.cpu(),
+            num_reqs=batch,
+            num_actual_tokens=batch,
+            max_query_len=1,
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=block_table,
+            slot_mapping=slots,
+            causal=True,
+            positions=positions,
+        )
+        return metadata, slots
+
+    def propose(
+        self,
+        num_speculative_tokens,
+        target_token_ids,
+        target_positions,
+        target_hidden_states,
+        next_token_ids,
+        token_indices_to_sample,
+        common_attn_metadata,
+        sampling_metadata,
+        mm_embed_inputs=None,
+        num_rejected_tokens_gpu=None,
+        slot_mappings=None,
+    ) -> torch.Tensor:
+        self._last_draft_probs = None
+        verify = common_attn_metadata
+        batch = verify.batch_size()
+        if token_indices_to_sample is None:
+            token_indices_to_sample = verify.query_start_loc[1:] - 1
+        # Next token per request sits right after the last token the target accepted.
+        positions = target_positions[token_indices_to_sample].to(torch.int64) + 1  # [B]
+        tokens = next_token_ids.to(torch.int64)  # [B]
+        start = positions.clone()
+        if num_speculative_tokens == 0:
+            self.exit_states.clear()
+            return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
+
+        inputs, hiddens, residuals, drafts, probs = [], [], [], [], []
+        for _ in range(num_speculative_tokens):
+            metadata, slots = self._step_metadata(verify, positions)
+            _, per_layer = self.build_per_group_and_layer_attn_metadata(metadata)
+            with set_forward_context(
+                per_layer,
+                self.vllm_config,
+                num_tokens=batch,
+                slot_mapping={name: slots for name in self._draft_attn_layer_names},
+            ):
+                hidden, residual = self.model.lower_layers(tokens, positions)
+            inputs.append(tokens)
+            hiddens.append(hidden)
+            residuals.append(residual)
+            tokens, step_probs = self._sample_draft_tokens(
+                self.model.exit(hidden, residual), sampling_metadata
+            )
+            tokens = tokens.to(torch.int64)
+            drafts.append(tokens)
+            if step_probs is not None:
+                probs.append(step_probs)
+            positions = positions + 1
+
+        # Keep the layer-E states for the verification pass of the next step.
+        self.exit_states.save(
+            req_ids=list(self.runner.input_batch.req_ids[:batch]),
+            start_positions=start,
+            tokens=torch.stack(inputs, dim=1),  # [B, K]
+            hidden=torch.stack(hiddens, dim=1),  # [B, K, d]
+            residual=torch.stack(residuals, dim=1),  # [B, K, d]
+        )
+        if probs:
+            self._last_draft_probs = torch.stack(probs, dim=1).contiguous()  # [B, K, V]
+        return torch.stack(drafts, dim=1)  # [B, K]

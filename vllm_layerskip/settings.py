@@ -1,0 +1,115 @@
+"""What the user asked for, checked: `speculative_config={"method": "layerskip", ...}`.
+
+Pure Python on plain dicts, no vLLM internals, so every bad-configuration message can be
+tested without starting an engine. `_vllm.py` calls `resolve()` while vLLM builds its
+configs, and turns the result into a stock `SpeculativeConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+METHOD = "layerskip"
+
+# vLLM model classes whose decoder is `model.embed_tokens -> model.layers[i](positions,
+# hidden, residual) -> model.norm -> lm_head`, the structure the early-exit draft walks.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+)
+
+# Where the training module stores its recommendation inside config.json.
+METADATA_KEY = "layerskip"
+
+
+class LayerSkipConfigError(ValueError):
+    """One bad field of the layerskip speculative config, named with its valid range."""
+
+
+@dataclass(frozen=True)
+class LayerSkipSettings:
+    exit_layer: int  # decoder layers the draft runs: 1 <= exit_layer < num_hidden_layers
+    num_speculative_tokens: int  # draft_len: tokens drafted per verification step
+
+    def as_dict(self) -> dict[str, int]:
+        return {"exit_layer": self.exit_layer, "num_speculative_tokens": self.num_speculative_tokens}
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LayerSkipConfigError(
+            f"speculative_config.{name} must be an integer, got {value!r}"
+        )
+    return value
+
+
+def resolve(
+    user: Mapping[str, Any],
+    *,
+    architectures: Iterable[str] | None,
+    num_hidden_layers: int,
+    metadata: Mapping[str, Any] | None,
+    allowed_fields: Iterable[str],
+    pipeline_parallel_size: int = 1,
+) -> tuple[LayerSkipSettings, dict[str, Any]]:
+    """Check the user's dict; return the settings and the fields to pass on to vLLM.
+
+    `metadata` is the checkpoint's `config.json["layerskip"]` (written by training/):
+    it supplies exit_layer and num_speculative_tokens when the user leaves them out;
+    explicit values win. `allowed_fields` are the other SpeculativeConfig fields the
+    user may set (draft sampling method, rejection-sampling options, ...).
+    """
+    rest = {k.replace("-", "_"): v for k, v in user.items() if k != "method"}
+    archs = list(architectures or [])
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise LayerSkipConfigError(
+            f"layerskip does not support the architecture {archs or 'unknown'}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    metadata = dict(metadata or {})
+    values = {}
+    for name in ("exit_layer", "num_speculative_tokens"):
+        raw = rest.pop(name, None)
+        if raw is None:
+            raw = metadata.get(name)
+        if raw is None:
+            raise LayerSkipConfigError(
+                f"speculative_config.{name} is required: the checkpoint's config.json "
+                f"has no '{METADATA_KEY}' metadata with a recommended {name}"
+            )
+        values[name] = _as_int(name, raw)
+
+    exit_layer, draft_len = values["exit_layer"], values["num_speculative_tokens"]
+    if not 1 <= exit_layer < num_hidden_layers:
+        raise LayerSkipConfigError(
+            f"speculative_config.exit_layer must be in [1, {num_hidden_layers - 1}] "
+            f"(the model has {num_hidden_layers} decoder layers), got {exit_layer}"
+        )
+    if draft_len < 1:
+        raise LayerSkipConfigError(
+            f"speculative_config.num_speculative_tokens must be >= 1, got {draft_len}"
+        )
+    if pipeline_parallel_size > 1:
+        first_stage = num_hidden_layers // pipeline_parallel_size
+        where = (
+            f"exit_layer={exit_layer} lies beyond the first pipeline stage "
+            f"(layers 0..{first_stage - 1})"
+            if exit_layer > first_stage
+            else "the draft needs the LM head, which lives on the last stage"
+        )
+        raise LayerSkipConfigError(
+            f"layerskip needs pipeline_parallel_size=1, got {pipeline_parallel_size}: {where}"
+        )
+
+    allowed = set(allowed_fields)
+    unknown = sorted(set(rest) - allowed)
+    if unknown:
+        raise LayerSkipConfigError(
+            f"speculative_config has unknown field(s) {', '.join(unknown)} for method "
+            f"'layerskip'; allowed: exit_layer, num_speculative_tokens, "
+            f"{', '.join(sorted(allowed))}"
+        )
+    return LayerSkipSettings(exit_layer, draft_len), rest
