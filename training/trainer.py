@@ -1,0 +1,221 @@
+"""The training loop shared by finetune and pretrain: recipe step plans, gradient
+accumulation, autocast, warm-up + cosine LR, progress bar, checkpoints, resume, final
+save and calibration of the recommended exit_layer / num_speculative_tokens."""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .calibrate import recommend
+from .data import batch_indices
+from .distributed import DistEnv, all_reduce_mean, barrier, wrap
+from .errors import ConfigError
+from .evaluate import per_exit_stats
+from .layer_dropout import sample_keep_mask
+from .layerskip_model import LayerSkipLM
+from .metadata import write_layerskip_metadata
+from .recipe import Recipe, step_plan
+from .schedule import lr_factor
+
+
+@dataclass
+class TrainConfig:
+    output: str
+    steps: int
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    bf16: bool | None = None   # None = auto: on where the CPU/GPU has native bf16
+    fsdp: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    heldout_fraction: float = 0.05
+    calibration_blocks: int = 64
+    stop_after: int = 0        # testing aid: stop after this step as if interrupted
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        for flag, value, low in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--seq-len", self.seq_len, 2), ("--grad-accum", self.grad_accum, 1),
+                                 ("--warmup-steps", self.warmup_steps, 0),
+                                 ("--save-every", self.save_every, 0),
+                                 ("--keep-checkpoints", self.keep_checkpoints, 1)):
+            if value < low:
+                raise ConfigError(f"{flag} must be >= {low}, got {value}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"--heldout-fraction must be in (0, 1), got {self.heldout_fraction}")
+        return self
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="files, directories (.py .txt .md .rst .jsonl) or globs")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--steps", type=int, required=True, metavar="N", help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (0 = never)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on where the hardware supports bf16)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP under torchrun")
+    p.add_argument("--heldout-fraction", type=float, default=0.05, help="tail of the data kept for calibration")
+    p.add_argument("--calibration-blocks", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        output=args.output, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, bf16=args.bf16, fsdp=args.fsdp,
+        resume=args.resume, overwrite=args.overwrite, heldout_fraction=args.heldout_fraction,
+        calibration_blocks=args.calibration_blocks, stop_after=args.stop_after,
+        progress=not args.no_progress).validate()
+
+
+def use_bf16(requested: bool | None, device: torch.device) -> bool:
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if requested is None:
+        return supported
+    return requested
+
+
+def _dropout_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """Layer-dropout randomness is a pure function of (seed, step, micro-batch, rank), so
+    a resumed run draws exactly the masks the uninterrupted run would have."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 101 + rank)
+
+
+def _full_state(wrapped, optimizer):
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=opts)
+    # LayerSkipLM holds the transformers model as `.model`: strip that prefix.
+    return {k.removeprefix("model."): v for k, v in model_sd.items()}, optim_sd
+
+
+def train(hf_model, tokenizer, train_blocks: torch.Tensor, heldout: torch.Tensor,
+          recipe: Recipe, cfg: TrainConfig, env: DistEnv, extra_meta: dict) -> None:
+    hf_model.to(env.device)
+    skipper = LayerSkipLM(hf_model, always_call_layers=cfg.fsdp and env.enabled)
+    model = wrap(skipper, env, cfg.fsdp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio))
+    num_layers = skipper.num_layers
+    start = 0
+    if cfg.resume:
+        step, path = ckpt.checkpoint_dirs(cfg.output)[-1]
+        model_sd, state, info = ckpt.load_checkpoint(path)
+        set_state_dict(model, optimizer, model_state_dict={f"model.{k}": v for k, v in model_sd.items()},
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.seed(info.get("seed", cfg.seed) + step)
+        start = step
+    bf16 = use_bf16(cfg.bf16, env.device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world_size
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+               disable=not (cfg.progress and env.is_main), dynamic_ncols=True)
+    info = {"seed": cfg.seed, "recipe": recipe.to_dict()}
+    hf_model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        plan = step_plan(recipe, step, cfg.steps, num_layers)
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(len(train_blocks), cfg.seed, step * cfg.grad_accum + micro,
+                                cfg.batch_size, env.world_size, env.rank)
+            ids = train_blocks[idx].to(env.device)  # [b, s]
+            keep = None
+            if recipe.layer_dropout_max > 0:
+                keep = sample_keep_mask(plan.drop_probs, len(ids),
+                                        _dropout_generator(cfg.seed, step, micro, env.rank))  # [L, b]
+            # DDP: all-reduce gradients only on the last micro-batch of the step.
+            last_micro = micro == cfg.grad_accum - 1
+            with model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext():
+                with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(ids, keep, plan.exit_weights)
+                (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = all_reduce_mean(step_loss, env)
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        tok_s=f"{tokens_per_step / (time.perf_counter() - t0):.0f}")
+        done = step + 1
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            model_sd, optim_sd = _full_state(model, optimizer)
+            if env.is_main:
+                state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                         "torch_rng": torch.get_rng_state()}
+                ckpt.save_checkpoint(cfg.output, done, hf_model, model_sd, tokenizer, state,
+                                     {**info, "tokens": done * tokens_per_step}, cfg.keep_checkpoints)
+            barrier(env)
+        if cfg.stop_after and done >= cfg.stop_after:
+            bar.close()
+            return
+    bar.close()
+    model_sd, _ = _full_state(model, optimizer)
+    if env.is_main:
+        finish(hf_model, model_sd, tokenizer, heldout, recipe, cfg, extra_meta)
+    barrier(env)
+
+
+def finish(hf_model, model_sd: dict, tokenizer, heldout: torch.Tensor, recipe: Recipe,
+           cfg: TrainConfig, extra_meta: dict) -> None:
+    """Save the final model, then calibrate on held-out data (the trained weights, no
+    dropout) and store the recommendation in config.json."""
+    ckpt.save_final(cfg.output, hf_model, model_sd, tokenizer)
+    from .models import load_model
+    model, _ = load_model(cfg.output, "--output")
+    stats = per_exit_stats(model, heldout[: cfg.calibration_blocks].cpu())
+    rec = recommend([row["agreement"] for row in stats])
+    rec["calibration"].update(heldout_sequences=min(len(heldout), cfg.calibration_blocks),
+                              accuracy=[round(r["accuracy"], 4) for r in stats],
+                              loss=[round(r["loss"], 4) for r in stats])
+    write_layerskip_metadata(cfg.output, {**rec, "recipe": recipe.to_dict(),
+                                          "training": {"steps": cfg.steps, "seq_len": cfg.seq_len,
+                                                       "batch_size": cfg.batch_size, "seed": cfg.seed,
+                                                       **extra_meta}})
+    print(f"saved {cfg.output}: exit_layer={rec['exit_layer']} "
+          f"num_speculative_tokens={rec['num_speculative_tokens']} "
+          f"expected_speedup={rec['calibration']['best_expected_speedup']}")
