@@ -1,0 +1,59 @@
+"""A second architecture (Qwen2), and a model whose upper layers are silent: there early
+exit equals the full model, so practically every draft must be accepted."""
+
+from __future__ import annotations
+
+import torch
+from conftest import EXIT_LAYER, layerskip, open_engine, spec_counters
+from vllm import SamplingParams
+
+PROMPTS = [
+    [10, 200, 37],
+    [45, 99, 120, 7, 300, 41, 52, 66, 71, 80, 91],
+    list(range(3, 300, 3)),
+    [5] * 40,
+    [17, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97],
+    list(range(400, 300, -1)),
+    [2, 4, 8, 16, 32, 64, 128, 256],
+    [260] * 3 + [261] * 3,
+]
+
+
+def greedy(llm, max_tokens=48):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def hf_greedy(model_dir, max_tokens=48):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        gen = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens)
+        out.append(gen[0, len(prompt):].tolist())
+    return out
+
+
+def test_qwen2_greedy_is_identical(qwen2_dir):
+    with open_engine(qwen2_dir) as plain:
+        expected = greedy(plain)
+    with open_engine(qwen2_dir, speculative_config=layerskip()) as spec:
+        got = greedy(spec)
+        counters = spec_counters(spec)
+        (stats,) = spec.collective_rpc("layerskip_stats")
+    assert got == expected
+    assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
+    assert stats["reused_tokens"] > 0
+
+
+def test_silent_upper_layers_accept_every_draft(silent_dir):
+    with open_engine(silent_dir, speculative_config=layerskip(exit_layer=EXIT_LAYER, draft_len=4)) as spec:
+        got = greedy(spec)
+        counters = spec_counters(spec)
+    assert counters["num_draft_tokens"] > 0
+    assert counters["num_accepted_tokens"] / counters["num_draft_tokens"] >= 0.99
+    # Same tokens as transformers' own greedy decoding of the full model.
+    assert got == hf_greedy(silent_dir)

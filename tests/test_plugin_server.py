@@ -1,0 +1,114 @@
+"""`vllm serve` end to end with LayerSkip, on 127.0.0.1, driven by the OpenAI client.
+Bounded: one server, a handful of requests, every call with a timeout, and the server's
+whole process group killed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import layerskip
+
+PROMPT = "def parse(path):\n    with open(path) as f:\n"
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(llama_dir),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "512", "--block-size", "32",
+        "--kv-cache-memory-bytes", str(32 << 20), "--enforce-eager", "--seed", "0",
+        "--speculative-config", json.dumps(layerskip()),
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("vllm serve did not become healthy in time")
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def spec_metric(base: str, name: str) -> float:
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(f"vllm:spec_decode_{name}_total")]
+    return sum(values)
+
+
+def hf_greedy_text(model_dir, prompt: str, max_tokens: int) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:])
+
+
+def test_completion_streaming_and_metrics(server, client, llama_dir):
+    kwargs = dict(model=str(llama_dir), prompt=PROMPT, max_tokens=32, temperature=0,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(stream=True, **kwargs))
+    assert streamed == whole
+    assert whole == hf_greedy_text(llama_dir, PROMPT, 32)
+    assert spec_metric(server, "num_draft_tokens") > 0
+    assert spec_metric(server, "num_accepted_tokens") > 0
+
+
+def test_dropped_stream_leaves_the_server_serving(server, client, llama_dir):
+    kwargs = dict(model=str(llama_dir), prompt=PROMPT, temperature=0.8, max_tokens=200,
+                  extra_body={"ignore_eos": True})
+    stream = client.completions.create(stream=True, **kwargs)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # the server aborts the request
+    again = client.completions.create(**{**kwargs, "max_tokens": 8})
+    assert again.choices[0].finish_reason == "length"
+    assert requests.get(f"{server}/health", timeout=5).status_code == 200
