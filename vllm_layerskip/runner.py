@@ -121,11 +121,11 @@ class LayerSkipWorker(platform_worker_class()):
         return self.model_runner.drafter.exit_states.stats.as_dict()
 
     def layerskip_weight_sharing(self) -> dict:
-        """How many draft parameters are the target's own tensors (all of them)."""
-        target = {p.data_ptr() for p in self.model_runner.model.parameters()}
+        """How many draft parameters are the target's own parameter objects (all of them)."""
+        target = {id(p) for p in self.model_runner.model.parameters()}
         draft = list(self.model_runner.drafter.model.parameters())
         return {
             "target_parameters": len(target),
             "draft_parameters": len(draft),
-            "draft_parameters_not_in_target": sum(p.data_ptr() not in target for p in draft),
+            "draft_parameters_not_in_target": sum(id(p) not in target for p in draft),
         }
