@@ -1,0 +1,152 @@
+"""Build the project's reference LayerSkip model and its no-recipe baseline.
+
+    python -m benchmarks.reference [--output DIR] [--rebuild]     (what `make reference` runs)
+
+Both are Llama models pretrained from scratch with `training.pretrain` on the Python source
+installed on this machine, minus the benchmark's held-out split (`benchmarks.prompts`), with
+the same data, seed, shape and steps. The reference uses the LayerSkip recipe (preset
+`pretraining`); the baseline turns it off (layer dropout 0, early-exit loss 0, no curriculum).
+Then `training.evaluate` reports per-exit loss/accuracy/agreement on the held-out split, and
+a short plain-vLLM measurement splits a decode step into per-layer (weights) and fixed
+(embedding, LM head, engine) cost.
+
+Default size (12 layers, hidden 384, 27.5M parameters, 700 steps x 16 x 256 tokens each) is
+chosen for about 70 minutes in total on 2 CPU cores (~30 min per model); see README. Cached: a finished model is
+reused unless --rebuild.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.prompts import heldout_files, training_files
+
+DEFAULT_OUT = Path(".cache") / "models"
+SHAPE = {"layers": 12, "hidden_size": 384, "vocab_size": 8192, "steps": 700, "seq_len": 256,
+         "batch_size": 16}
+NO_RECIPE = ["--layer-dropout-max", "0", "--early-exit-scale", "0", "--curriculum", "none"]
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.reference", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", default=str(DEFAULT_OUT),
+                    help="parent directory: writes reference/, baseline/, reference-eval/")
+    ap.add_argument("--rebuild", action="store_true", help="train again even if cached")
+    ap.add_argument("--only", choices=["both", "reference", "baseline"], default="both")
+    for key, val in SHAPE.items():
+        ap.add_argument("--" + key.replace("_", "-"), type=int, default=val)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-files", type=int, default=0, help="first N training files (0 = all)")
+    ap.add_argument("--eval-blocks", type=int, default=64)
+    ap.add_argument("--no-eval", action="store_true", help="skip training.evaluate")
+    ap.add_argument("--no-split", action="store_true", help="skip the decode-cost measurement")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def is_built(d: Path) -> bool:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "layerskip" in cfg and any(d.glob("*.safetensors"))
+
+
+def train(args, out: Path, recipe: bool) -> None:
+    files = [str(p) for p in training_files()]
+    if args.train_files:
+        files = files[: args.train_files]
+    held = {str(p) for p in heldout_files()}
+    assert not held.intersection(files), "held-out files must never enter training"
+    cmd = [sys.executable, "-m", "training.pretrain", "--data", *files, "--output", str(out),
+           "--layers", str(args.layers), "--hidden-size", str(args.hidden_size),
+           "--vocab-size", str(args.vocab_size), "--steps", str(args.steps),
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+           "--seed", str(args.seed), "--lr", str(args.lr),
+           "--warmup-steps", str(max(1, args.steps // 20)), "--overwrite"]
+    if not recipe:
+        cmd += NO_RECIPE
+    if args.no_progress:
+        cmd.append("--no-progress")
+    print(f"training {out.name}: {'LayerSkip recipe' if recipe else 'no recipe'}, "
+          f"{args.layers} layers x {args.hidden_size}, {args.steps} steps, {len(files)} files",
+          flush=True)
+    t0 = time.time()
+    if subprocess.call(cmd) != 0 or not is_built(out):
+        raise SystemExit(f"training {out} failed")
+    print(f"{out.name}: built in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def evaluate(args, ref: Path, base: Path | None, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "training.evaluate", "--model", str(ref),
+           "--data", *[str(p) for p in heldout_files()], "--json", str(out / "per_exit.json"),
+           "--plot", str(out / "per_exit.png"), "--max-blocks", str(args.eval_blocks)]
+    if base is not None and is_built(base):
+        cmd += ["--baseline", str(base)]
+    if subprocess.call(cmd) != 0:
+        raise SystemExit("training.evaluate failed")
+
+
+def decode_split(model: Path, out: Path, timeout: float = 1800) -> dict:
+    """Plain vLLM, batch 1, greedy: full model vs a 1-layer truncated copy.
+
+    With t(n) = fixed + n * per_layer, fixed = t(1) - per_layer. Reports the share of a
+    decode step spent in the decoder layers' weights."""
+    from benchmarks.prompts import load_prompts
+    from benchmarks.runner import run_worker
+    from benchmarks.systems import num_layers, vllm_engine_kwargs, write_truncated_copy
+
+    L = num_layers(model)
+    one = write_truncated_copy(model, 1, out / "truncated-e1")
+    cell = {"prompt_set": "code", "batch_size": 1, "temperature": 0.0,
+            "prompts": load_prompts("code", 4)}
+    tps = {}
+    for name, d in (("full", model), ("one-layer", one)):
+        spec = {"kind": "vllm", "cells": [cell], "max_tokens": 128, "repeats": 3, "warmup": 1,
+                "seed": 0, "engine": vllm_engine_kwargs("vllm", d.resolve(), 1, 1,
+                                                        dtype="bfloat16", max_model_len=1024,
+                                                        max_num_seqs=1)}
+        tps[name] = run_worker(spec, out, f"split-{name}", timeout)["cells"][0]["tokens_per_s"]
+    t_full, t_one = 1000 / tps["full"], 1000 / tps["one-layer"]
+    per_layer = (t_full - t_one) / (L - 1)
+    fixed = t_one - per_layer
+    res = {"step_ms_full": round(t_full, 3), "step_ms_one_layer": round(t_one, 3),
+           "per_layer_ms": round(per_layer, 3), "fixed_ms": round(fixed, 3),
+           "layers_share": round(per_layer * L / t_full, 3), "batch_size": 1, "dtype": "bfloat16"}
+    (out / "decode_split.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    root = Path(args.output)
+    ref, base = root / "reference", root / "baseline"
+    t0 = time.time()
+    for d, recipe in ((ref, True), (base, False)):
+        if args.only not in ("both", d.name):
+            continue
+        if is_built(d) and not args.rebuild:
+            print(f"{d}: cached (--rebuild to train again)")
+            continue
+        train(args, d, recipe)
+    if args.only in ("both", "reference") and is_built(ref):
+        if not args.no_eval:
+            evaluate(args, ref, base, root / "reference-eval")
+        if not args.no_split:
+            split = decode_split(ref, root / "reference-eval")
+            print(f"decode step (batch 1, bf16): {split['step_ms_full']:.2f} ms, of which the "
+                  f"decoder layers {split['layers_share']:.0%} and fixed cost "
+                  f"{split['fixed_ms']:.2f} ms")
+    print(f"done in {(time.time() - t0) / 60:.1f} min: {ref}, {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Fast checks of the benchmark package's pure parts (no engine)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import ideal, loadgen, prompts, report
+from benchmarks.systems import parse_systems, resolve_spec, write_truncated_copy
+from benchmarks.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("unit") / "tiny", layers=4, hidden=64,
+                            vocab_size=512)
+
+
+def test_heldout_split_is_deterministic_and_disjoint():
+    train, held = prompts.training_files(), prompts.heldout_files()
+    assert train and held
+    assert not set(train) & set(held)
+    assert set(train) | set(held) == set(prompts.source_files())
+    root = prompts.stdlib_root()
+    assert all(prompts.is_heldout(p.relative_to(root).as_posix()) for p in held)
+    assert prompts.heldout_files() == held
+
+
+@pytest.mark.parametrize("kind", prompts.PROMPT_SETS)
+def test_prompts_come_from_heldout_files(kind):
+    ps = prompts.load_prompts(kind, 5)
+    assert len(ps) == 5 and all(len(p) > 100 for p in ps)
+    held_text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in prompts.heldout_files())
+    if kind == "code":
+        assert all(p in held_text for p in ps)
+    with pytest.raises(ValueError, match="prompt set"):
+        prompts.load_prompts("poetry", 1)
+
+
+def test_truncated_copy_has_exactly_e_layers_and_loads(tiny, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = write_truncated_copy(tiny, 2, tmp_path / "trunc")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and "layerskip" not in cfg
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        layers = {int(k.split(".layers.")[1].split(".")[0]) for k in f.keys() if ".layers." in k}
+        names = set(f.keys())
+    assert layers == {0, 1}
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= names
+    assert (out / "tokenizer.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 2
+    assert write_truncated_copy(tiny, 2, tmp_path / "trunc") == out   # cached
+
+
+def test_resolve_spec_uses_metadata_and_checks_range(tiny):
+    assert resolve_spec(tiny, None, None) == (1, 2)
+    assert resolve_spec(tiny, 3, 5) == (3, 5)
+    with pytest.raises(SystemExit, match="--exit-layer"):
+        resolve_spec(tiny, 4, None)
+    with pytest.raises(SystemExit, match="--systems"):
+        parse_systems("vllm,turbo")
+
+
+def test_ideal_speedup_and_overhead_split():
+    assert ideal.ideal_speedup(3.0, 4, 0.25) == pytest.approx(1.5)
+    assert ideal.ideal_speedup(None, 4, 0.25) is None
+    assert ideal.ideal_speedup(2.0, 3, 0.0) == 2.0
+    # pure weights: a draft step through E of L layers costs E/L -> no fixed overhead
+    assert ideal.overhead_fraction(0.25, 3, 12) == pytest.approx(0.0)
+    assert ideal.overhead_fraction(1.0, 3, 12) == pytest.approx(1.0)
+
+
+def test_percentile():
+    assert loadgen.percentile([1, 2, 3, 4], 50) == 2.5
+    assert loadgen.percentile([], 99) is None
+
+
+def test_report_renders(tmp_path):
+    row = {"system": "vllm", "prompt_set": "code", "batch_size": 1, "temperature": 0.0,
+           "tokens_per_s": 10.0, "speedup": 1.0, "acceptance_rate": None,
+           "mean_accepted_length": None, "ideal_speedup": None, "peak_memory_mb": 100.0,
+           "kv_blocks": 10}
+    spec = dict(row, system="layerskip", speedup=1.5, acceptance_rate=0.8,
+                mean_accepted_length=2.5, ideal_speedup=2.0)
+    md = report.throughput_table([row, spec])
+    assert "| layerskip | code | 1 | 0 | 10.0 | 1.50x | 80% | 2.50 | 2.00x | 75% |" in md
+    assert report.throughput_chart([row, spec], tmp_path / "c.png").stat().st_size > 0
+    grid = [{"exit_layer": e, "num_speculative_tokens": k, "speedup": 1.0 + e / 10 + k / 100}
+            for e in (1, 2) for k in (2, 3)]
+    assert report.sweep_heatmap(grid, tmp_path / "h.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--batch-sizes", "1,x"], "--batch-sizes"),
+    (["--temperatures", "-1"], "--temperatures"),
+    (["--systems", "foo"], "--systems"),
+])
+def test_bad_flags_name_the_flag(tiny, tmp_path, argv, flag):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--model", str(tiny),
+                        "--json", str(tmp_path / "o.json"), *argv], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert flag in r.stderr
+
+
+def test_readme_section_is_generated_between_markers(tiny, tmp_path):
+    from benchmarks import readme
+    from benchmarks.throughput import check_targets
+
+    rows = [{"system": s, "prompt_set": "code", "batch_size": 1, "temperature": 0.0,
+             "tokens_per_s": v, "speedup": v / 10, "acceptance_rate": None,
+             "mean_accepted_length": None, "ideal_speedup": None, "peak_memory_mb": 1.0,
+             "kv_blocks": 1} for s, v in (("vllm", 10.0), ("layerskip", 21.0),
+                                          ("vllm-draft-truncated", 15.0))]
+    targets = check_targets(rows)
+    assert targets["batch1_vs_vllm>=2.0"]["ok"] and targets["batch1_vs_draft_truncated>=1.25"]["ok"]
+    tp = {"results": rows, "targets": targets, "calibration": {},
+          "settings": {"model": str(tiny), "exit_layer": 1, "num_speculative_tokens": 2,
+                       "dtype": "bfloat16", "max_tokens": 8, "repeats": 1, "warmup": 1,
+                       "prompt_sets": ["code"], "machine": {"processor": "x", "cpu_count": 2}}}
+    (tmp_path / "tp.json").write_text(json.dumps(tp))
+    md = tmp_path / "README.md"
+    md.write_text("# Title\n\nintro\n")
+    for _ in range(2):   # idempotent: the section is replaced, not appended twice
+        readme.main(["--throughput", str(tmp_path / "tp.json"), "--readme", str(md),
+                     "--docs-dir", str(tmp_path / "docs")])
+    text = md.read_text()
+    assert text.startswith("# Title") and text.count(readme.START) == 1
+    assert "| layerskip | code | 1 |" in text and "4 layers" in text
