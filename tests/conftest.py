@@ -64,7 +64,10 @@ def engine_kwargs(model: Path, **overrides) -> dict:
 
 
 def layerskip(exit_layer: int = EXIT_LAYER, draft_len: int = DRAFT_LEN, **extra) -> dict:
-    return {"method": "layerskip", "exit_layer": exit_layer, "num_speculative_tokens": draft_len, **extra}
+    """Drafting pinned on (adaptive_drafting off) so every step exercises draft and verify;
+    the adaptive switch has tests of its own."""
+    return {"method": "layerskip", "exit_layer": exit_layer, "num_speculative_tokens": draft_len,
+            "adaptive_drafting": False, **extra}
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ def gpt2_dir(tiny_root):
         (layerskip(exit_layer="2"), "exit_layer must be an integer"),
         (layerskip(exit_layer=2.5), "exit_layer must be an integer"),
         (layerskip(foo=1), "unknown field.*foo.*allowed: exit_layer"),
+        (layerskip(adaptive_drafting="yes"), "adaptive_drafting must be true or false"),
         (layerskip(model="other"), "unknown field.*model"),
     ],
 )
@@ -78,10 +79,12 @@ def test_pipeline_parallel_beyond_the_first_stage_is_refused(llama_dir):
 
 def test_metadata_supplies_defaults_and_explicit_values_win(with_metadata):
     config = engine_config(with_metadata, {"method": "layerskip"})
-    assert config.additional_config["layerskip"] == {"exit_layer": 1, "num_speculative_tokens": 5}
+    assert config.additional_config["layerskip"] == {
+        "exit_layer": 1, "num_speculative_tokens": 5, "adaptive_drafting": True}
     assert config.speculative_config.num_speculative_tokens == 5
-    config = engine_config(with_metadata, {"method": "layerskip", "exit_layer": 3})
-    assert config.additional_config["layerskip"] == {"exit_layer": 3, "num_speculative_tokens": 5}
+    config = engine_config(with_metadata, {"method": "layerskip", "exit_layer": 3, "adaptive_drafting": False})
+    assert config.additional_config["layerskip"] == {
+        "exit_layer": 3, "num_speculative_tokens": 5, "adaptive_drafting": False}
 
 
 def test_stock_options_pass_through(llama_dir):

@@ -20,6 +20,8 @@ in `exit_states` so the verification pass only runs layers >= E for them.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -30,6 +32,7 @@ from ._vllm import (
     layerskip_settings,
     set_forward_context,
 )
+from .adaptive import DraftSwitch
 from .exit_states import ExitStates
 
 
@@ -81,6 +84,9 @@ class LayerSkipProposer(DraftModelProposer):
         self.exit_layer = chosen.exit_layer
         self.exit_states = ExitStates()
         self.runner = runner  # its input_batch names the requests of each draft row
+        self.switch = DraftSwitch() if chosen.adaptive_drafting else None
+        self._last_step: tuple[float, int, bool] | None = None  # (start, batch, drafted)
+        self._generated_tokens = 0  # tokens the last verification step produced
 
     def load_model(self, target_model: nn.Module) -> None:
         self.model = EarlyExitModel(target_model, self.exit_layer)
@@ -91,6 +97,25 @@ class LayerSkipProposer(DraftModelProposer):
     def dummy_run(self, num_tokens: int, *args, **kwargs) -> None:
         with set_forward_context(None, self.vllm_config, num_tokens=num_tokens):
             self.model(self.input_ids[:num_tokens], self._get_positions(num_tokens))
+
+    def prepare_next_token_ids_padded(self, sampled_token_ids, requests, input_batch, discard_mask):
+        next_token_ids, valid_counts = super().prepare_next_token_ids_padded(
+            sampled_token_ids, requests, input_batch, discard_mask
+        )
+        self._generated_tokens = int(valid_counts.sum())
+        return next_token_ids, valid_counts
+
+    def _decide_drafting(self, batch: int) -> bool:
+        """Time the step that just ended and ask the switch whether to draft this one."""
+        if self.switch is None:
+            return True
+        now = time.perf_counter()
+        if self._last_step is not None:
+            started, last_batch, drafted = self._last_step
+            self.switch.record(last_batch, drafted, now - started, self._generated_tokens)
+        drafting = self.switch.should_draft(batch)
+        self._last_step = (now, batch, drafting)
+        return drafting
 
     def _step_metadata(
         self, verify: CommonAttentionMetadata, positions: torch.Tensor
@@ -144,6 +169,8 @@ class LayerSkipProposer(DraftModelProposer):
         positions = target_positions[token_indices_to_sample].to(torch.int64) + 1  # [B]
         tokens = next_token_ids.to(torch.int64)  # [B]
         start = positions.clone()
+        if not self._decide_drafting(batch):
+            num_speculative_tokens = 0
         if num_speculative_tokens == 0:
             self.exit_states.clear()
             return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)

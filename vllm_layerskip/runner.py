@@ -117,8 +117,12 @@ class LayerSkipWorker(platform_worker_class()):
         runner.enable_layerskip()
 
     def layerskip_stats(self) -> dict:
-        """Exit-state reuse counters of this worker (LLM.collective_rpc)."""
-        return self.model_runner.drafter.exit_states.stats.as_dict()
+        """Exit-state reuse counters and the adaptive switch's timings (LLM.collective_rpc)."""
+        drafter = self.model_runner.drafter
+        stats = drafter.exit_states.stats.as_dict()
+        if drafter.switch is not None:
+            stats["seconds_per_token_by_batch_bucket"] = drafter.switch.summary()
+        return stats
 
     def layerskip_weight_sharing(self) -> dict:
         """How many draft parameters are the target's own parameter objects (all of them)."""

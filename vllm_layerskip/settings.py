@@ -32,9 +32,14 @@ class LayerSkipConfigError(ValueError):
 class LayerSkipSettings:
     exit_layer: int  # decoder layers the draft runs: 1 <= exit_layer < num_hidden_layers
     num_speculative_tokens: int  # draft_len: tokens drafted per verification step
+    adaptive_drafting: bool = True  # per batch size, draft only where it measures faster
 
-    def as_dict(self) -> dict[str, int]:
-        return {"exit_layer": self.exit_layer, "num_speculative_tokens": self.num_speculative_tokens}
+    def as_dict(self) -> dict:
+        return {
+            "exit_layer": self.exit_layer,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "adaptive_drafting": self.adaptive_drafting,
+        }
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -104,12 +109,18 @@ def resolve(
             f"layerskip needs pipeline_parallel_size=1, got {pipeline_parallel_size}: {where}"
         )
 
+    adaptive = rest.pop("adaptive_drafting", True)
+    if not isinstance(adaptive, bool):
+        raise LayerSkipConfigError(
+            f"speculative_config.adaptive_drafting must be true or false, got {adaptive!r}"
+        )
+
     allowed = set(allowed_fields)
     unknown = sorted(set(rest) - allowed)
     if unknown:
         raise LayerSkipConfigError(
             f"speculative_config has unknown field(s) {', '.join(unknown)} for method "
-            f"'layerskip'; allowed: exit_layer, num_speculative_tokens, "
+            f"'layerskip'; allowed: exit_layer, num_speculative_tokens, adaptive_drafting, "
             f"{', '.join(sorted(allowed))}"
         )
-    return LayerSkipSettings(exit_layer, draft_len), rest
+    return LayerSkipSettings(exit_layer, draft_len, adaptive), rest
