@@ -111,7 +111,19 @@ def test_verification_reuses_exit_states(spec, prompts):
     assert delta["mismatches"] == 0
 
 
-def run_with_aborts(llm, prompts, params, abort_ids, abort_at_step=3):
+def test_draft_never_re_runs_processed_tokens(spec, prompts):
+    """No re-prefill: per round the draft runs K tokens per request, whatever the prompt length."""
+    (before,) = spec.collective_rpc("layerskip_stats")
+    new_tokens = 8
+    generate(spec, [prompts[7]], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    (after,) = spec.collective_rpc("layerskip_stats")
+    drafted = after["draft_tokens"] - before["draft_tokens"]
+    # At most one draft round per engine step (two prefill chunks + one per new token).
+    assert 0 < drafted <= DRAFT_LEN * (new_tokens + 2) < len(prompts[7])
+
+
+def run_continuous(llm, prompts, params, abort_ids, late_prompts, event_step=3):
+    """Drive the engine step by step: some requests are aborted and new ones join mid-way."""
     engine = llm.llm_engine
     for i, prompt in enumerate(prompts):
         engine.add_request(f"req-{i}", {"prompt_token_ids": prompt}, params)
@@ -121,26 +133,29 @@ def run_with_aborts(llm, prompts, params, abort_ids, abort_at_step=3):
             if out.finished:
                 finished[out.request_id] = list(out.outputs[0].token_ids)
         step += 1
-        if step == abort_at_step:
+        if step == event_step:
             engine.abort_request(abort_ids)
+            for i, prompt in enumerate(late_prompts):
+                engine.add_request(f"late-{i}", {"prompt_token_ids": prompt}, params)
     return finished
 
 
-def test_aborted_requests_leave_the_others_identical(plain, spec, prompts):
+def test_aborts_and_late_joiners_leave_every_other_request_identical(plain, spec, prompts):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    batch = prompts[:6]
-    expected = token_ids(generate(plain, batch, params))
-    finished = run_with_aborts(spec, batch, params, abort_ids=["req-1", "req-4"])
-    kept = {i for i in range(len(batch)) if i not in (1, 4)}
-    for i in kept:
+    batch, late = prompts[:6], prompts[6:8]
+    expected = token_ids(generate(plain, batch + late, params))
+    finished = run_continuous(spec, batch, params, abort_ids=["req-1", "req-4"], late_prompts=late)
+    for i in (0, 2, 3, 5):
         assert finished[f"req-{i}"] == expected[i]
+    for i in range(len(late)):
+        assert finished[f"late-{i}"] == expected[len(batch) + i]
     # Aborted requests never finish normally, and the engine goes on serving afterwards.
     assert "req-1" not in finished and "req-4" not in finished
     assert token_ids(generate(spec, batch[:2], params)) == expected[:2]
 
 
-def sample_tokens(llm, prompt, temperature, n):
-    params = SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True)
+def sample_tokens(llm, prompt, n, **params):
+    params = SamplingParams(max_tokens=4, ignore_eos=True, **params)
     outs = generate(llm, [prompt] * n, params)
     return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -156,24 +171,34 @@ def chi2_pvalue(a: list[int], b: list[int]) -> float:
     return chi2_contingency(table)[1]
 
 
-def test_sampling_keeps_the_target_distribution(plain, spec, prompts):
+def min_pvalue(want, have) -> float:
+    """Positions 2-4 come out of draft-and-verify; the smallest p-value over them."""
+    return min(chi2_pvalue([s[pos] for s in want], [s[pos] for s in have]) for pos in (1, 2, 3))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["temperature", "top-k-top-p"])
+def test_sampling_keeps_the_target_distribution(plain, spec, prompts, params):
     n = 1500
     prompt = prompts[2]
     before = spec_counters(spec)
-    want = sample_tokens(plain, prompt, 1.0, n)
-    have = sample_tokens(spec, prompt, 1.0, n)
+    want = sample_tokens(plain, prompt, n, **params)
+    have = sample_tokens(spec, prompt, n, **params)
     after = spec_counters(spec)
     drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
     accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
     assert 0 < accepted < drafted, (accepted, drafted)  # both accepted and resampled
-    # Positions 2-4 come out of draft-and-verify; their marginals must match plain decoding
-    # (Bonferroni over 3 tests).
-    for pos in (1, 2, 3):
-        p = chi2_pvalue([s[pos] for s in want], [s[pos] for s in have])
-        assert p > 0.001 / 3, f"position {pos}: p={p:.2e}"
+    assert min_pvalue(want, have) > 0.001 / 3  # Bonferroni over 3 positions
     # The same test does see a real change of distribution (power check).
-    cooler = sample_tokens(plain, prompt, 0.7, n)
-    assert min(chi2_pvalue([s[pos] for s in want], [s[pos] for s in cooler]) for pos in (1, 2, 3)) < 1e-3
+    cooler = sample_tokens(plain, prompt, n, **{**params, "temperature": params["temperature"] * 0.7})
+    assert min_pvalue(want, cooler) < 1e-3
+
+
+def test_seeded_requests_repeat(spec, prompts):
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=24, ignore_eos=True)
+    first = token_ids(generate(spec, prompts[:3], params))
+    assert token_ids(generate(spec, prompts[:3], params)) == first
+    assert len({tuple(t) for t in first}) > 1
 
 
 def test_draft_len_and_exit_layer_come_from_the_engine_config(spec):

@@ -14,7 +14,7 @@ before that position is the request's true prefix either way. States live for on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,10 +47,10 @@ class ReuseStats:
     reused_tokens: int = 0  # tokens whose layers < E were skipped
     lower_token_layers: int = 0  # token x layer evaluations below E in target passes
     mismatches: int = 0  # requests whose saved state did not match what was scheduled
-    extra: dict = field(default_factory=dict)
+    draft_tokens: int = 0  # tokens run through the draft (K per request and round, no re-prefill)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "extra"}
+        return dict(vars(self))
 
 
 class ExitStates:

@@ -117,6 +117,24 @@ class LayerSkipProposer(DraftModelProposer):
         self._last_step = (now, batch, drafting)
         return drafting
 
+    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        """As vLLM's, but seeded requests draw their draft noise from their own generator,
+        so a request with a seed repeats exactly (vLLM's drafts ignore seeds)."""
+        generators = sampling_metadata.generators
+        if not generators or sampling_metadata.all_greedy or not self._enable_probabilistic_draft_probs:
+            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        logits = self.model.compute_logits(hidden_states)  # [B, V]
+        temperature = sampling_metadata.temperature[: logits.shape[0]]
+        greedy = temperature < 1e-5
+        probs = logits.div(torch.where(greedy, 1.0, temperature).unsqueeze(1)).softmax(-1, dtype=torch.float32)
+        # Sampling by argmax(p / E) with E ~ Exp(1) draws exactly from p.
+        noise = torch.empty_like(probs).exponential_()
+        for row, generator in generators.items():
+            if row < noise.shape[0]:
+                noise[row].exponential_(generator=generator)
+        tokens = torch.where(greedy, probs.argmax(-1), probs.div(noise).argmax(-1))
+        return tokens, probs
+
     def _step_metadata(
         self, verify: CommonAttentionMetadata, positions: torch.Tensor
     ) -> tuple[CommonAttentionMetadata, torch.Tensor]:
@@ -175,6 +193,7 @@ class LayerSkipProposer(DraftModelProposer):
             self.exit_states.clear()
             return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
 
+        self.exit_states.stats.draft_tokens += batch * num_speculative_tokens
         inputs, hiddens, residuals, drafts, probs = [], [], [], [], []
         for _ in range(num_speculative_tokens):
             metadata, slots = self._step_metadata(verify, positions)
