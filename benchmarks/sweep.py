@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     args = build_parser().parse_args(argv)
+    args.fixed_drafting = True  # comparing settings: every grid point drafts every step
     check_common(args)
     L = num_layers(args.model)
     exits = args.exit_layers or default_exit_layers(L)

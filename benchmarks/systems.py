@@ -105,7 +105,7 @@ def write_truncated_copy(model_dir, exit_layer: int, out_dir) -> Path:
 def vllm_engine_kwargs(system: str, model_dir, exit_layer: int, k: int, *, dtype: str,
                        max_model_len: int, max_num_seqs: int, truncated_dir=None,
                        enforce_eager: bool = False, seed: int = 0,
-                       kv_cache_gib: float = 1.0) -> dict:
+                       kv_cache_gib: float = 1.0, adaptive_drafting: bool = True) -> dict:
     """`vllm.LLM(**kwargs)` for one system.
 
     The KV cache size is fixed (``kv_cache_gib``) rather than a fraction of memory, so every
@@ -126,7 +126,8 @@ def vllm_engine_kwargs(system: str, model_dir, exit_layer: int, k: int, *, dtype
                                     "num_speculative_tokens": k}
     elif system == "layerskip":
         kw["speculative_config"] = {"method": "layerskip", "exit_layer": exit_layer,
-                                    "num_speculative_tokens": k}
+                                    "num_speculative_tokens": k,
+                                    "adaptive_drafting": adaptive_drafting}
     else:
         raise ValueError(f"not a vLLM system: {system}")
     return kw

@@ -69,6 +69,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size per engine")
     ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
+    ap.add_argument("--fixed-drafting", action="store_true",
+                    help="layerskip drafts every step (adaptive_drafting off)")
     ap.add_argument("--in-process-engine", action="store_true",
                     help="engine core in the worker process (faster start; for smoke tests)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per system")
@@ -119,7 +121,8 @@ def vllm_spec(args, system, model, cells, e, k, truncated, max_num_seqs) -> dict
     engine = vllm_engine_kwargs(system, model, e, k, dtype=args.dtype,
                                 max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
                                 truncated_dir=truncated, enforce_eager=args.enforce_eager,
-                                seed=args.seed, kv_cache_gib=args.kv_cache_gib)
+                                seed=args.seed, kv_cache_gib=args.kv_cache_gib,
+                                adaptive_drafting=not args.fixed_drafting)
     return {"kind": "vllm", "engine": engine, "cells": cells, "max_tokens": args.max_tokens,
             "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
             "in_process": args.in_process_engine}

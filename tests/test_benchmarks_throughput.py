@@ -25,7 +25,7 @@ def run(tmp_path_factory):
            "--temperatures", "0,0.8", "--prompt-sets", "code,nl", "--systems", ",".join(ALL_SYSTEMS),
            "--max-tokens", "8", "--repeats", "1", "--warmup", "1", "--prompts-per-cell", "1",
            "--prompt-chars", "300", "--max-model-len", "512", "--kv-cache-gib", "0.25",
-           "--enforce-eager", "--in-process-engine", "--timeout", "300",
+           "--enforce-eager", "--fixed-drafting", "--in-process-engine", "--timeout", "300",
            "--work-dir", str(tmp / "work"), "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     return r, out
