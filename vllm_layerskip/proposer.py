@@ -30,7 +30,9 @@ from ._vllm import (
     CommonAttentionMetadata,
     DraftModelProposer,
     layerskip_settings,
+    platform_kernels,
     set_forward_context,
+    target_is_compiled,
 )
 from .adaptive import DraftSwitch
 from .exit_states import ExitStates
@@ -85,6 +87,11 @@ class LayerSkipProposer(DraftModelProposer):
         self.exit_states = ExitStates()
         self.runner = runner  # its input_batch names the requests of each draft row
         self.switch = DraftSwitch() if chosen.adaptive_drafting else None
+        # Reusing exit states replaces the target's forward by an eager split forward. That
+        # saves the FLOPs of layers < E for K tokens, but where the target runs as a compiled
+        # graph (and on a CPU, where a layer costs about the same for 1 or K+1 tokens) the
+        # compiled full forward is faster, so then verification recomputes them.
+        self.reuse_exit_states = not target_is_compiled(vllm_config)
         self._last_step: tuple[float, int, bool] | None = None  # (start, batch, drafted)
         self._generated_tokens = 0  # tokens the last verification step produced
 
@@ -93,9 +100,12 @@ class LayerSkipProposer(DraftModelProposer):
         # The "draft attention layers" are the target's own layers < exit_layer: the base
         # class builds metadata builders for them and no new KV cache is registered.
         self._draft_attn_layer_names = set(self.model.attention_layer_names())
+        # Draft steps call layers eagerly: give them the platform kernels even where the
+        # compiled target was built with PyTorch-native op bodies.
+        self._eager_kernels = platform_kernels(self.model.decoder, self.vllm_config)
 
     def dummy_run(self, num_tokens: int, *args, **kwargs) -> None:
-        with set_forward_context(None, self.vllm_config, num_tokens=num_tokens):
+        with set_forward_context(None, self.vllm_config, num_tokens=num_tokens), self._eager_kernels:
             self.model(self.input_ids[:num_tokens], self._get_positions(num_tokens))
 
     def prepare_next_token_ids_padded(self, sampled_token_ids, requests, input_batch, discard_mask):
@@ -203,7 +213,7 @@ class LayerSkipProposer(DraftModelProposer):
                 self.vllm_config,
                 num_tokens=batch,
                 slot_mapping={name: slots for name in self._draft_attn_layer_names},
-            ):
+            ), self._eager_kernels:
                 hidden, residual = self.model.lower_layers(tokens, positions)
             inputs.append(tokens)
             hiddens.append(hidden)
@@ -218,13 +228,14 @@ class LayerSkipProposer(DraftModelProposer):
             positions = positions + 1
 
         # Keep the layer-E states for the verification pass of the next step.
-        self.exit_states.save(
-            req_ids=list(self.runner.input_batch.req_ids[:batch]),
-            start_positions=start,
-            tokens=torch.stack(inputs, dim=1),  # [B, K]
-            hidden=torch.stack(hiddens, dim=1),  # [B, K, d]
-            residual=torch.stack(residuals, dim=1),  # [B, K, d]
-        )
+        if self.reuse_exit_states:
+            self.exit_states.save(
+                req_ids=list(self.runner.input_batch.req_ids[:batch]),
+                start_positions=start,
+                tokens=torch.stack(inputs, dim=1),  # [B, K]
+                hidden=torch.stack(hiddens, dim=1),  # [B, K, d]
+                residual=torch.stack(residuals, dim=1),  # [B, K, d]
+            )
         if probs:
             self._last_draft_probs = torch.stack(probs, dim=1).contiguous()  # [B, K, V]
         return torch.stack(drafts, dim=1)  # [B, K]

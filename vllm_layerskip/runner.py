@@ -9,7 +9,8 @@ Verification of a batch, when the previous step drafted for some of its requests
 
 The lower half runs on a sub-batch (each request's tail) with its own attention metadata;
 its KV writes land in the same cache slots a full forward would use. When nothing can be
-reused, the stock (possibly compiled) forward runs unchanged.
+reused, the stock forward runs unchanged; so it always does where that forward is a compiled
+graph (the drafter then saves no states: see `LayerSkipProposer.reuse_exit_states`).
 """
 
 from __future__ import annotations

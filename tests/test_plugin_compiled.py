@@ -1,0 +1,40 @@
+"""A compiled engine (vLLM's default, no enforce_eager): drafts run the first E layers
+eagerly with the platform kernels, verification is the stock compiled forward, and greedy
+output still equals plain (compiled) vLLM token for token."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import layerskip, open_engine, spec_counters
+from vllm import SamplingParams
+
+from tiny_models import stdlib_files
+
+
+@pytest.fixture(scope="module")
+def prompts(llama_dir) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    texts = [open(f).read()[:2000] for f in stdlib_files(6)]
+    return [tok(t).input_ids[: 20 + 30 * i] for i, t in enumerate(texts)]
+
+
+def greedy(llm, prompts) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llama_dir, prompts):
+    with open_engine(llama_dir, enforce_eager=False) as plain:
+        expected = greedy(plain, prompts)
+    with open_engine(llama_dir, enforce_eager=False, speculative_config=layerskip()) as spec:
+        got = greedy(spec, prompts)
+        counters = spec_counters(spec)
+        (stats,) = spec.collective_rpc("layerskip_stats")
+    assert got == expected
+    assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
+    # No exit states are saved, so every verification is the stock (compiled) forward.
+    assert stats["draft_tokens"] > 0
+    assert stats["verify_passes"] == 0 and stats["reused_tokens"] == 0
