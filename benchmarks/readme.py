@@ -1,11 +1,12 @@
 """Generate the README's results section from benchmark output.
 
     python -m benchmarks.readme --throughput results/throughput.json
-        [--serving results/serving.json] [--sweep results/sweep.json] [--readme README.md]
+        [--serving results/serving.json] [--sweep results/sweep.json]
+        [--reference-eval .cache/models/reference-eval] [--readme README.md]
 
 Writes the section (machine, model size, settings, tables, chart link) between the markers
 ``<!-- results:start -->`` and ``<!-- results:end -->`` of the README (appended if absent),
-and copies the chart next to it under docs/.
+and copies the charts (throughput, sweep heatmap, per-exit curves) next to it under docs/.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def model_line(model_dir: str) -> str:
             f"(~{params / 1e6:.1f}M parameters), `{model_dir}`")
 
 
-def section(tp: dict, serving: dict | None, sweep: dict | None, chart: str | None) -> str:
+def section(tp: dict, serving: dict | None, sweep: dict | None, charts: dict[str, str],
+            evaluation: dict | None = None) -> str:
     s = tp["settings"]
     m = s.get("machine", {})
     out = [START, "## Results", "",
@@ -47,6 +49,16 @@ def section(tp: dict, serving: dict | None, sweep: dict | None, chart: str | Non
            f"{s['repeats']} repeats after {s['warmup']} warm-up, prompts: held-out Python source "
            f"({', '.join(s['prompt_sets'])}); speedup is against plain vLLM at the same batch size "
            "and temperature; `ideal` is mean accepted length / (K x draft-step cost + 1).", ""]
+    split = (evaluation or {}).get("decode_split")
+    if split:
+        out += [f"Decode step of plain vLLM on this model (batch 1, {split['dtype']}, "
+                f"compiled): {split['step_ms_full']:.1f} ms, of which the decoder layers "
+                f"{split['layers_share']:.0%} ({split['per_layer_ms']:.2f} ms each) and a fixed "
+                f"{split['fixed_ms']:.1f} ms (embedding, LM head, sampling, engine).", ""]
+    if charts.get("per_exit"):
+        out += ["Per-exit agreement with the last layer on the held-out split, LayerSkip recipe "
+                "vs the identically trained baseline:", "",
+                f"![per-exit curves]({charts['per_exit']})", ""]
     cal = tp.get("calibration") or {}
     if cal:
         out.append("Measured cost of a draft step relative to a full decode step "
@@ -65,13 +77,15 @@ def section(tp: dict, serving: dict | None, sweep: dict | None, chart: str | Non
     nl = [r for r in tp["results"] if r.get("prompt_set") == "nl"]
     if nl:
         out += ["### Throughput, natural-language prompts", "", report.throughput_table(nl)]
-    if chart:
-        out += [f"![speedup chart]({chart})", ""]
+    if charts.get("throughput"):
+        out += [f"![speedup chart]({charts['throughput']})", ""]
     if sweep:
         b = sweep.get("best") or {}
         out += ["### Sweep", "", f"Best: exit_layer {b.get('exit_layer')}, K "
                 f"{b.get('num_speculative_tokens')} ({b.get('speedup')}x).", "",
                 report.sweep_table(sweep["grid"])]
+        if charts.get("sweep"):
+            out += [f"![sweep heatmap]({charts['sweep']})", ""]
     if serving:
         out += ["### Serving (`vllm serve`)", "", report.serving_table(serving["results"])]
     out.append(END)
@@ -84,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput", required=True)
     ap.add_argument("--serving")
     ap.add_argument("--sweep")
+    ap.add_argument("--reference-eval", help="benchmarks.reference's evaluation directory "
+                    "(decode_split.json, per_exit.png)")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--docs-dir", default="docs")
     a = ap.parse_args(argv)
@@ -93,15 +109,22 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         raise SystemExit(f"--throughput: cannot read {a.throughput}: {e}")
     readme = Path(a.readme)
-    chart = None
-    png = Path(a.throughput).with_suffix(".png")
-    if png.exists():
-        docs = Path(a.docs_dir)
-        docs.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(png, docs / "throughput.png")
-        chart = os.path.relpath(docs / "throughput.png", readme.parent)
+    evaluation = None
+    if a.reference_eval:
+        split = Path(a.reference_eval) / "decode_split.json"
+        evaluation = {"decode_split": load(split) if split.exists() else None}
+    sources = {"throughput": Path(a.throughput).with_suffix(".png"),
+               "sweep": Path(a.sweep).with_suffix(".png") if a.sweep else None,
+               "per_exit": Path(a.reference_eval) / "per_exit.png" if a.reference_eval else None}
+    charts = {}
+    for name, png in sources.items():
+        if png is not None and png.exists():
+            docs = Path(a.docs_dir)
+            docs.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, docs / f"{name.replace('_', '-')}.png")
+            charts[name] = os.path.relpath(docs / f"{name.replace('_', '-')}.png", readme.parent)
     text = readme.read_text() if readme.exists() else ""
-    new = section(tp, load(a.serving), load(a.sweep), chart)
+    new = section(tp, load(a.serving), load(a.sweep), charts, evaluation)
     if START in text and END in text:
         text = text[: text.index(START)] + new + text[text.index(END) + len(END) + 1:]
     else:

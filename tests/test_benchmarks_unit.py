@@ -121,11 +121,19 @@ def test_readme_section_is_generated_between_markers(tiny, tmp_path):
                        "dtype": "bfloat16", "max_tokens": 8, "repeats": 1, "warmup": 1,
                        "prompt_sets": ["code"], "machine": {"processor": "x", "cpu_count": 2}}}
     (tmp_path / "tp.json").write_text(json.dumps(tp))
+    evaluation = tmp_path / "reference-eval"
+    evaluation.mkdir()
+    (evaluation / "decode_split.json").write_text(json.dumps(
+        {"step_ms_full": 13.6, "step_ms_one_layer": 5.3, "per_layer_ms": 0.76, "fixed_ms": 4.5,
+         "layers_share": 0.67, "batch_size": 1, "dtype": "bfloat16"}))
+    (evaluation / "per_exit.png").write_bytes(b"png")
     md = tmp_path / "README.md"
     md.write_text("# Title\n\nintro\n")
     for _ in range(2):   # idempotent: the section is replaced, not appended twice
         readme.main(["--throughput", str(tmp_path / "tp.json"), "--readme", str(md),
-                     "--docs-dir", str(tmp_path / "docs")])
+                     "--docs-dir", str(tmp_path / "docs"), "--reference-eval", str(evaluation)])
     text = md.read_text()
     assert text.startswith("# Title") and text.count(readme.START) == 1
     assert "| layerskip | code | 1 |" in text and "4 layers" in text
+    assert "decoder layers 67%" in text and "docs/per-exit.png" in text
+    assert (tmp_path / "docs" / "per-exit.png").exists()
