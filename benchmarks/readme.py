@@ -45,7 +45,8 @@ def section(tp: dict, serving: dict | None, sweep: dict | None, charts: dict[str
            f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; torch {m.get('torch', '?')}",
            f"- Model: {model_line(s['model'])}",
            f"- Settings: exit_layer {s['exit_layer']}, num_speculative_tokens {s['num_speculative_tokens']}, "
-           f"{s['dtype']}, {s['max_tokens']} new tokens per request (ignore_eos), median of "
+           f"{s['dtype']}, {'vLLM engines eager (enforce_eager), ' if s.get('enforce_eager') else ''}"
+           f"{s['max_tokens']} new tokens per request (ignore_eos), median of "
            f"{s['repeats']} repeats after {s['warmup']} warm-up, prompts: held-out Python source "
            f"({', '.join(s['prompt_sets'])}); speedup is against plain vLLM at the same batch size "
            "and temperature; `ideal` is mean accepted length / (K x draft-step cost + 1).", ""]

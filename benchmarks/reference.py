@@ -10,7 +10,7 @@ Then `training.evaluate` reports per-exit loss/accuracy/agreement on the held-ou
 a short plain-vLLM measurement splits a decode step into per-layer (weights) and fixed
 (embedding, LM head, engine) cost.
 
-Default size: 12 layers, hidden 256, vocab 4096 (~11.6M parameters), 240 steps x 16 x 256
+Default size: 12 layers, hidden 256, vocab 4096 (~14.7M parameters), 240 steps x 16 x 256
 tokens (1M tokens) each. On 2 CPU cores (AVX2, fp32: no native bf16) the two models train side
 by side, one thread each, in about 35 minutes; a 27.5M-parameter 12 x 384 model trains at
 ~340 tokens/s here and does not fit the 90-minute budget. Cached: a finished model is reused
