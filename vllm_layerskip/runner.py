@@ -42,7 +42,9 @@ class LayerSkipRunnerMixin:
                        inputs_embeds=None, **model_kwargs):
         batch, self._layerskip_batch = self._layerskip_batch, None
         plan = None
-        if batch is not None and input_ids is not None and inputs_embeds is None:
+        # A compiled target verifies with its stock forward: no states to plan with.
+        reuse = self.drafter.reuse_exit_states
+        if reuse and batch is not None and input_ids is not None and inputs_embeds is None:
             query_start_loc = batch.query_start_loc_cpu[: batch.num_reqs + 1].tolist()
             if query_start_loc[-1] == input_ids.shape[0] and not model_kwargs:
                 plan = self.drafter.exit_states.plan(
