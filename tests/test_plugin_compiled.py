@@ -1,6 +1,6 @@
-"""A compiled engine (vLLM's default, no enforce_eager): drafts run the first E layers
-eagerly with the platform kernels, verification is the stock compiled forward, and greedy
-output still equals plain (compiled) vLLM token for token."""
+"""A compiled engine (vLLM's default, no enforce_eager): the draft's first E layers are
+compiled too, verification is the stock compiled forward, greedy output still equals plain
+(compiled) vLLM token for token, and the compiled draft proposes what the eager one does."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
     # No exit states are saved, so every verification is the stock (compiled) forward.
     assert stats["draft_tokens"] > 0
     assert stats["verify_passes"] == 0 and stats["reused_tokens"] == 0
+    assert stats["compiled_draft"]
+    # Traced at start-up for every batch size the prompts bring (1 to 6 requests): serving
+    # never waits for a compilation.
+    assert stats["graphs_compiled_while_serving"] == 0
+    # The eager engine drafts with eager layers; the same drafts are accepted (greedy: the
+    # accepted count is a function of the drafts alone), so the compiled draft computes the
+    # same tokens, including the KV it writes and reads back between draft steps.
+    with open_engine(llama_dir, speculative_config=layerskip()) as eager:
+        assert greedy(eager, prompts) == expected
+        eager_counters = spec_counters(eager)
+        (eager_stats,) = eager.collective_rpc("layerskip_stats")
+    assert not eager_stats["compiled_draft"]
+    assert eager_counters["num_draft_tokens"] == counters["num_draft_tokens"]
+    assert eager_counters["num_accepted_tokens"] == counters["num_accepted_tokens"]

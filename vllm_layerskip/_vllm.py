@@ -30,11 +30,12 @@ Subclassed or called (see proposer.py and runner.py, which import them from here
   slot mapping by layer name from it (`attn_metadata[name]`, `slot_mapping[name]`).
 - `CommonAttentionMetadata` fields: query_start_loc(_cpu), seq_lens, num_reqs,
   num_actual_tokens, max_query_len, max_seq_len, block_table_tensor, slot_mapping, positions.
-- `CompilationConfig.mode` / `ModelConfig.enforce_eager` (is the target's forward compiled?)
-  and `CustomOp._forward_method` with `forward_cpu` / `forward_cuda` / `forward_hip`: in a
-  compiled engine vLLM binds custom ops to their PyTorch-native bodies (for the compiler to
-  fuse); the draft calls layers eagerly, so `platform_kernels()` binds the platform kernels
-  for the duration of those calls.
+- `CompilationConfig.mode` / `ModelConfig.enforce_eager` (is the target's forward
+  compiled?). Where it is, the draft's layers are compiled with plain `torch.compile`
+  (proposer.py); that relies on attention being the opaque custom ops
+  `vllm.unified_kv_cache_update` / `vllm.unified_attention_with_output` (true on every
+  vLLM 0.32 platform: `Platform.opaque_attention_op()`), which read the forward context
+  at run time, so the traced graph holds no per-step state.
 - Decoder structure of Llama/Qwen2: `model.model.embed_input_ids`, `model.model.layers[i]
   (positions, hidden, residual) -> (hidden, residual)`, `model.model.norm(hidden, residual)`,
   `model.compute_logits`, attention module at `layers[i].self_attn.attn` with `layer_name`.
@@ -42,7 +43,6 @@ Subclassed or called (see proposer.py and runner.py, which import them from here
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -66,7 +66,6 @@ __all__ = [
     "install",
     "layerskip_settings",
     "platform_worker_class",
-    "platform_kernels",
     "set_forward_context",
     "target_is_compiled",
 ]
@@ -108,50 +107,6 @@ def target_is_compiled(vllm_config: VllmConfig) -> bool:
     """Whether the target's stock forward runs as a compiled graph."""
     eager = vllm_config.model_config is not None and vllm_config.model_config.enforce_eager
     return not eager and vllm_config.compilation_config.mode != CompilationMode.NONE
-
-
-def _platform_kernel_name() -> str | None:
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        return "forward_cpu"
-    if current_platform.is_rocm():
-        return "forward_hip"
-    if current_platform.is_cuda():
-        return "forward_cuda"
-    return None
-
-
-class platform_kernels:
-    """While active, every custom op under `module` runs its platform kernel (C++/CUDA)
-    instead of the PyTorch-native body a compiled engine binds for the compiler to fuse.
-    Ops the user disabled ("-name" in custom_ops) stay native. Reusable."""
-
-    def __init__(self, module: torch.nn.Module, vllm_config: VllmConfig):
-        from vllm.model_executor.custom_op import CustomOp
-
-        name = _platform_kernel_name()
-        custom_ops = vllm_config.compilation_config.custom_ops
-        disabled = {op[1:] for op in custom_ops if op[:1] == "-"}
-        self._swaps = []  # (op, bound method, platform kernel)
-        for op in module.modules():
-            if name is None or not isinstance(op, CustomOp):
-                continue
-            kernel = getattr(op, name)
-            if getattr(type(op), "name", None) not in disabled and op._forward_method != kernel:
-                self._swaps.append((op, op._forward_method, kernel))
-
-    def __len__(self) -> int:
-        return len(self._swaps)
-
-    def __enter__(self):
-        for op, _, kernel in self._swaps:
-            op._forward_method = kernel
-        return self
-
-    def __exit__(self, *exc):
-        for op, bound, _ in self._swaps:
-            op._forward_method = bound
 
 
 def _hf_metadata(hf_config: Any) -> dict | None:

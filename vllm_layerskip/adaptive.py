@@ -5,14 +5,20 @@ verifier) for fewer engine steps. At batch 1 the verifier is bound by reading th
 so K+1 tokens cost about one; at large batches the step becomes compute-bound and the same
 trade can lose. Which side of that line a batch size falls on depends on the model, the
 machine and the acceptance of the current requests, so the backend measures it: per
-batch-size bucket it keeps the seconds per generated token of steps with and without
-drafts, probes each mode for a few steps, then drafts only when drafting is faster, and
-probes again now and then because acceptance drifts with the requests.
+batch-size bucket it keeps the seconds per generated token of recent decode steps with and
+without drafts, probes each mode for a few steps, then drafts only when drafting is faster,
+and probes again now and then because acceptance drifts with the requests.
+
+The figure per mode is the median of a short window, not a running mean: one slow step (a
+new request's prefill landing in it, a page fault, another process) would otherwise tip the
+decision towards whichever mode did not take it.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from statistics import median
 
 
 def bucket_of(batch_size: int) -> int:
@@ -22,42 +28,53 @@ def bucket_of(batch_size: int) -> int:
 
 @dataclass
 class _Bucket:
-    seconds_per_token: dict[bool, float] = field(default_factory=dict)  # drafting -> EMA
-    samples: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
+    window: int
+    recent: dict[bool, deque] = field(default_factory=dict)  # drafting -> seconds per token
     steps: int = 0
+
+    def samples(self, drafting: bool) -> deque:
+        return self.recent.setdefault(drafting, deque(maxlen=self.window))
 
 
 class DraftSwitch:
-    def __init__(self, probe_steps: int = 6, reprobe_every: int = 200, smoothing: float = 0.2):
+    def __init__(self, probe_steps: int = 6, reprobe_every: int = 200, window: int = 15):
+        if not 1 <= probe_steps <= window:
+            raise ValueError(f"probe_steps must be between 1 and window ({window}), got {probe_steps}")
         self.probe_steps = probe_steps
         self.reprobe_every = reprobe_every
-        self.smoothing = smoothing
+        self.window = window
         self.buckets: dict[int, _Bucket] = {}
 
+    def _bucket(self, batch_size: int) -> _Bucket:
+        return self.buckets.setdefault(bucket_of(batch_size), _Bucket(self.window))
+
     def record(self, batch_size: int, drafted: bool, seconds: float, tokens: int) -> None:
-        if tokens <= 0 or seconds <= 0:
-            return
-        b = self.buckets.setdefault(bucket_of(batch_size), _Bucket())
-        value = seconds / tokens
-        old = b.seconds_per_token.get(drafted)
-        b.seconds_per_token[drafted] = value if old is None else old + self.smoothing * (value - old)
-        b.samples[drafted] += 1
+        """One decode step: its wall time and the tokens it produced."""
+        if tokens > 0 and seconds > 0:
+            self._bucket(batch_size).samples(drafted).append(seconds / tokens)
 
     def should_draft(self, batch_size: int) -> bool:
-        b = self.buckets.setdefault(bucket_of(batch_size), _Bucket())
+        b = self._bucket(batch_size)
         b.steps += 1
-        if b.steps % self.reprobe_every == 0 and len(b.seconds_per_token) == 2:
+        if b.steps % self.reprobe_every == 0 and self._measured(b):
             # Forget the losing mode's figure and measure it again: acceptance drifts.
-            loser = b.seconds_per_token[True] > b.seconds_per_token[False]
-            del b.seconds_per_token[loser]
-            b.samples[loser] = 0
+            b.samples(not self._faster(b)).clear()
         for mode in (True, False):  # measure both modes before choosing
-            if b.samples[mode] < self.probe_steps:
+            if len(b.samples(mode)) < self.probe_steps:
                 return mode
-        return b.seconds_per_token[True] <= b.seconds_per_token[False]
+        return self._faster(b)
+
+    def _measured(self, b: _Bucket) -> bool:
+        return all(len(b.samples(mode)) >= self.probe_steps for mode in (True, False))
+
+    @staticmethod
+    def _faster(b: _Bucket) -> bool:
+        return median(b.samples(True)) <= median(b.samples(False))
 
     def summary(self) -> dict[int, dict]:
+        """Per bucket: median seconds per generated token with and without drafts."""
         return {
-            bucket: {"drafting": b.seconds_per_token.get(True), "plain": b.seconds_per_token.get(False)}
+            bucket: {mode_name: (median(b.recent[mode]) if b.recent.get(mode) else None)
+                     for mode_name, mode in (("drafting", True), ("plain", False))}
             for bucket, b in sorted(self.buckets.items())
         }

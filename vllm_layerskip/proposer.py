@@ -30,12 +30,18 @@ from ._vllm import (
     CommonAttentionMetadata,
     DraftModelProposer,
     layerskip_settings,
-    platform_kernels,
     set_forward_context,
     target_is_compiled,
 )
 from .adaptive import DraftSwitch
 from .exit_states import ExitStates
+
+
+def compiled_graph_count() -> int:
+    """Graphs Dynamo has compiled in this process so far (the target's and the draft's)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class EarlyExitModel(nn.Module):
@@ -100,13 +106,29 @@ class LayerSkipProposer(DraftModelProposer):
         # The "draft attention layers" are the target's own layers < exit_layer: the base
         # class builds metadata builders for them and no new KV cache is registered.
         self._draft_attn_layer_names = set(self.model.attention_layer_names())
-        # Draft steps call layers eagerly: give them the platform kernels even where the
-        # compiled target was built with PyTorch-native op bodies.
-        self._eager_kernels = platform_kernels(self.model.decoder, self.vllm_config)
+        # Where the target runs as a compiled graph, so do the draft's layers: called eagerly,
+        # a layer costs about twice its compiled self on CPU (op dispatch, unfused norms and
+        # activation), and a draft step through E of L layers would cost more than E/L of a
+        # full step. One graph with a symbolic token count serves every batch size.
+        self.compiled_draft = target_is_compiled(self.vllm_config)
+        self.lower_layers = (torch.compile(self.model.lower_layers, dynamic=True)
+                             if self.compiled_draft else self.model.lower_layers)
+        self._traced = not self.compiled_draft
+        self.graphs_at_warmup = compiled_graph_count()
 
     def dummy_run(self, num_tokens: int, *args, **kwargs) -> None:
-        with set_forward_context(None, self.vllm_config, num_tokens=num_tokens), self._eager_kernels:
-            self.model(self.input_ids[:num_tokens], self._get_positions(num_tokens))
+        # The first call traces the compiled draft, here at start-up rather than in the
+        # middle of a request: for one token (the compiler specializes size 1) and for many,
+        # with inputs like a draft step's (int64, made in inference mode: Dynamo guards on
+        # both, and a guard miss would recompile for seconds while requests wait).
+        sizes = [num_tokens] if self._traced else sorted({1, max(2, num_tokens)})
+        self._traced = True
+        with torch.inference_mode():
+            for n in sizes:
+                tokens = torch.zeros(n, dtype=torch.int64, device=self.device)
+                with set_forward_context(None, self.vllm_config, num_tokens=n):
+                    self.model.exit(*self.lower_layers(tokens, torch.zeros_like(tokens)))
+        self.graphs_at_warmup = compiled_graph_count()
 
     def prepare_next_token_ids_padded(self, sampled_token_ids, requests, input_batch, discard_mask):
         next_token_ids, valid_counts = super().prepare_next_token_ids_padded(
@@ -115,12 +137,13 @@ class LayerSkipProposer(DraftModelProposer):
         self._generated_tokens = int(valid_counts.sum())
         return next_token_ids, valid_counts
 
-    def _decide_drafting(self, batch: int) -> bool:
-        """Time the step that just ended and ask the switch whether to draft this one."""
+    def _decide_drafting(self, batch: int, decode_only: bool) -> bool:
+        """Time the step that just ended and ask the switch whether to draft this one.
+        Steps that also prefilled are not timed: their cost says nothing about drafting."""
         if self.switch is None:
             return True
         now = time.perf_counter()
-        if self._last_step is not None:
+        if self._last_step is not None and decode_only:
             started, last_batch, drafted = self._last_step
             self.switch.record(last_batch, drafted, now - started, self._generated_tokens)
         drafting = self.switch.should_draft(batch)
@@ -197,7 +220,8 @@ class LayerSkipProposer(DraftModelProposer):
         positions = target_positions[token_indices_to_sample].to(torch.int64) + 1  # [B]
         tokens = next_token_ids.to(torch.int64)  # [B]
         start = positions.clone()
-        if not self._decide_drafting(batch):
+        decode_only = verify.max_query_len <= num_speculative_tokens + 1
+        if not self._decide_drafting(batch, decode_only):
             num_speculative_tokens = 0
         if num_speculative_tokens == 0:
             self.exit_states.clear()
@@ -213,8 +237,8 @@ class LayerSkipProposer(DraftModelProposer):
                 self.vllm_config,
                 num_tokens=batch,
                 slot_mapping={name: slots for name in self._draft_attn_layer_names},
-            ), self._eager_kernels:
-                hidden, residual = self.model.lower_layers(tokens, positions)
+            ):
+                hidden, residual = self.lower_layers(tokens, positions)
             inputs.append(tokens)
             hiddens.append(hidden)
             residuals.append(residual)

@@ -21,7 +21,7 @@ import torch
 
 from ._vllm import get_forward_context, platform_worker_class, replace_metadata
 from .exit_states import ReusePlan
-from .proposer import LayerSkipProposer
+from .proposer import LayerSkipProposer, compiled_graph_count
 
 
 class LayerSkipRunnerMixin:
@@ -123,6 +123,9 @@ class LayerSkipWorker(platform_worker_class()):
         """Exit-state reuse counters and the adaptive switch's timings (LLM.collective_rpc)."""
         drafter = self.model_runner.drafter
         stats = drafter.exit_states.stats.as_dict()
+        stats["compiled_draft"] = drafter.compiled_draft
+        # Compilations after start-up: each one stalls every request for seconds.
+        stats["graphs_compiled_while_serving"] = compiled_graph_count() - drafter.graphs_at_warmup
         if drafter.switch is not None:
             stats["seconds_per_token_by_batch_bucket"] = drafter.switch.summary()
         return stats
