@@ -83,7 +83,10 @@ def section(tp: dict, serving: dict | None, sweep: dict | None, charts: dict[str
     if sweep:
         b = sweep.get("best") or {}
         out += ["### Sweep", "", f"Best: exit_layer {b.get('exit_layer')}, K "
-                f"{b.get('num_speculative_tokens')} ({b.get('speedup')}x).", "",
+                f"{b.get('num_speculative_tokens')} ({b.get('speedup')}x). Batch "
+                f"{sweep.get('batch_size')}, temperature {sweep.get('temperature')}, "
+                f"{sweep.get('prompt_set')} prompts, drafting pinned on at every grid point "
+                "(no adaptive switch).", "",
                 report.sweep_table(sweep["grid"])]
         if charts.get("sweep"):
             out += [f"![sweep heatmap]({charts['sweep']})", ""]

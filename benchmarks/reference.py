@@ -12,8 +12,9 @@ a short plain-vLLM measurement splits a decode step into per-layer (weights) and
 
 Default size: 12 layers, hidden 256, vocab 4096 (~14.7M parameters), 240 steps x 16 x 256
 tokens (1M tokens) each. On 2 CPU cores (AVX2, fp32: no native bf16) the two models train side
-by side, one thread each, in about 35 minutes; a 27.5M-parameter 12 x 384 model trains at
-~340 tokens/s here and does not fit the 90-minute budget. Cached: a finished model is reused
+by side, one thread each, in about 35 minutes (about 12 on 2 cores with AMX, where training
+runs in bf16); a 27.5M-parameter 12 x 384 model trains at ~340 tokens/s on the AVX2 machine
+and does not fit the 90-minute budget there. Cached: a finished model is reused
 unless --rebuild.
 """
 from __future__ import annotations

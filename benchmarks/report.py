@@ -48,8 +48,9 @@ def throughput_chart(rows: list[dict], path) -> Path:
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
         ax.set_ylabel("speedup vs vllm")
         ax.set_title(f"{ps} prompts, temperature {temp:g}")
-    axes[0][-1].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=9, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the legend sits below the panels, off the bars
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
