@@ -113,16 +113,14 @@ class LayerSkipProposer(DraftModelProposer):
         self.compiled_draft = target_is_compiled(self.vllm_config)
         self.lower_layers = (torch.compile(self.model.lower_layers, dynamic=True)
                              if self.compiled_draft else self.model.lower_layers)
-        self._traced = not self.compiled_draft
         self.graphs_at_warmup = compiled_graph_count()
 
     def dummy_run(self, num_tokens: int, *args, **kwargs) -> None:
-        # The first call traces the compiled draft, here at start-up rather than in the
-        # middle of a request: for one token (the compiler specializes size 1) and for many,
-        # with inputs like a draft step's (int64, made in inference mode: Dynamo guards on
-        # both, and a guard miss would recompile for seconds while requests wait).
-        sizes = [num_tokens] if self._traced else sorted({1, max(2, num_tokens)})
-        self._traced = True
+        # Start-up traces the compiled draft here rather than in the middle of a request:
+        # for one token (the compiler specializes size 1) and for many, with inputs like a
+        # draft step's (int64, made in inference mode: Dynamo guards on both, and a guard
+        # miss would recompile for seconds while requests wait). Later calls hit the cache.
+        sizes = sorted({1, max(2, num_tokens)}) if self.compiled_draft else [num_tokens]
         with torch.inference_mode():
             for n in sizes:
                 tokens = torch.zeros(n, dtype=torch.int64, device=self.device)
