@@ -41,6 +41,7 @@ def tiny_model(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, capsys):
     flags = ["--save-every", "4", "--grad-accum", "2", "--layer-dropout-max", "0.5",
              "--layer-dropout-time-scale", "constant", "--rotation-period", "2"]
@@ -153,6 +154,7 @@ def test_finetune_llama_and_qwen2(tiny_model, tmp_path, capsys):
         assert meta["recipe"]["curriculum"] == "gradual" and meta["training"]["mode"] == "finetune"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes(tmp_path, mode):
     out = tmp_path / mode

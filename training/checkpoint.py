@@ -7,24 +7,34 @@ Layout of --output:
         trainer_state.pt                                   optimizer, scheduler, RNG (weights_only)
         trainer_state.json                                 step, tokens seen
 
-Every save goes to a hidden temp directory first and is renamed into place, so an
-interrupted save never leaves a half-written checkpoint or model behind."""
+Every save goes to a hidden temp directory first and is renamed into place, and a
+checkpoint is deleted only after being renamed to a temp name, so every `step-*`
+directory is complete even if the process is killed at any point (a killed save leaves
+only `.tmp-*` entries, which --resume ignores and removes).
+
+Test hook: with LAYERSKIP_TEST_PAUSE_SAVE_AT=N in the environment, the save of step N
+sleeps for a minute between writing the weights and the rename, so that tests can
+SIGKILL a run in the middle of writing a checkpoint."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, OutputError
+from .integrity import check_model_files, describe_mismatch, model_shapes
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
+TMP = ".tmp-"
+PAUSE_HOOK = "LAYERSKIP_TEST_PAUSE_SAVE_AT"
 
 
 def prepare_output(output: str, overwrite: bool, resume: bool) -> None:
@@ -61,6 +71,28 @@ def checkpoint_dirs(output: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_stale_temps(output: str) -> list[Path]:
+    """Delete what killed saves left behind (temp checkpoints, a temp final model);
+    returns what was removed."""
+    out = Path(output)
+    stale = [*out.glob(f"{TMP}*"), *(out / CHECKPOINTS).glob(f"{TMP}*")]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return stale
+
+
+def _discard(path: Path) -> None:
+    """Rename to a temp name, then delete: a kill mid-delete leaves no partial step-*."""
+    doomed = path.with_name(f"{TMP}old-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _test_pause(step: int) -> None:
+    if os.environ.get(PAUSE_HOOK) == str(step):
+        time.sleep(60)
+
+
 def _save_weights(state_dict: dict, path: Path) -> None:
     # safetensors refuses tensors that share storage (tied embeddings): store copies.
     seen, tensors = set(), {}
@@ -77,20 +109,30 @@ def save_checkpoint(output: str, step: int, hf_model, model_state: dict, tokeniz
     root = Path(output) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    tmp = root / f"{TMP}step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     hf_model.config.save_pretrained(tmp)
     _save_weights(model_state, tmp / WEIGHTS)
+    _test_pause(step)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / STATE)
     (tmp / STATE_JSON).write_text(json.dumps({"step": step, **info}, indent=2) + "\n")
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     for _, old in checkpoint_dirs(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Fail early, naming the file, if a checkpoint's weights are damaged or do not fit
+    its config.json (load_checkpoint reads the rest)."""
+    try:
+        check_model_files(path)
+    except ValueError as exc:
+        raise CheckpointError(f"--resume: {exc}") from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
@@ -107,11 +149,21 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     return model_state, trainer_state, info
 
 
+def check_fits_model(path: Path, model_state: dict, hf_model) -> None:
+    """The checkpoint's weights must fit the model being trained (finetune builds it from
+    --model, which may differ from the run that wrote the checkpoint)."""
+    found = {k: tuple(v.shape) for k, v in model_state.items()}
+    problem = describe_mismatch(model_shapes(hf_model), found, hf_model.config.to_dict())
+    if problem:
+        raise CheckpointError(f"--resume: {path / WEIGHTS} does not fit the model being "
+                              f"trained: {problem}")
+
+
 def save_final(output: str, hf_model, model_state: dict, tokenizer) -> None:
     """Write the final model into --output, each file moved into place atomically and
     config.json last, so a directory with config.json always holds a complete model."""
     out = Path(output)
-    tmp = out / f".tmp-final-{os.getpid()}"
+    tmp = out / f"{TMP}final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     hf_model.config.save_pretrained(tmp)

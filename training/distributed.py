@@ -67,9 +67,11 @@ def barrier(env: DistEnv) -> None:
 
 
 def all_reduce_mean(value: float, env: DistEnv) -> float:
+    """Mean of `value` over ranks. The tensor lives on env.device: NCCL reduces only
+    CUDA tensors (gloo takes CPU ones, and env.device is the CPU there)."""
     if not env.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return t.item() / env.world_size
 

@@ -26,8 +26,12 @@ def run_training(args: argparse.Namespace, make_model: ModelFactory) -> None:
     try:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        texts = load_texts(args.data)
         latest = ckpt.checkpoint_dirs(cfg.output)[-1][1] if cfg.resume else None
+        if latest is not None:
+            ckpt.verify_checkpoint(latest)
+            if env.is_main:
+                ckpt.remove_stale_temps(cfg.output)
+        texts = load_texts(args.data)
         hf_model, tokenizer, extra = make_model(texts, latest)
         blocks = pack(texts, tokenizer, cfg.seq_len)  # [n, s]
         train_blocks, heldout = split_heldout(blocks, cfg.heldout_fraction)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .errors import ModelError
+from .integrity import check_model_files
 from .layerskip_model import SUPPORTED_ARCHITECTURES
 
 
@@ -25,6 +26,10 @@ def check_model_dir(model_dir: str, flag: str = "--model") -> dict:
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     if not any(Path(model_dir).glob("*.safetensors")):
         raise ModelError(f"{flag}: {model_dir} has no .safetensors weights (only safetensors are read)")
+    try:
+        check_model_files(Path(model_dir))
+    except ValueError as exc:  # names the damaged or mismatched file
+        raise ModelError(f"{flag}: {exc}") from None
     return config
 
 

@@ -142,6 +142,7 @@ def train(hf_model, tokenizer, train_blocks: torch.Tensor, heldout: torch.Tensor
     if cfg.resume:
         step, path = ckpt.checkpoint_dirs(cfg.output)[-1]
         model_sd, state, info = ckpt.load_checkpoint(path)
+        ckpt.check_fits_model(path, model_sd, hf_model)
         set_state_dict(model, optimizer, model_state_dict={f"model.{k}": v for k, v in model_sd.items()},
                        optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
