@@ -1,6 +1,8 @@
 """The adaptive switch: measure both modes per batch-size bucket, keep the faster, and
 re-measure the loser now and then; single slow steps do not flip it."""
 
+import pytest
+
 from vllm_layerskip.adaptive import DraftSwitch, bucket_of
 
 
@@ -63,3 +65,19 @@ def test_window_must_hold_the_probe():
 
     with pytest.raises(ValueError, match="probe_steps"):
         DraftSwitch(probe_steps=8, window=4)
+
+
+def test_step_clock_times_each_step_and_skips_prefill_steps():
+    """`step()` closes the previous step with its wall time and the tokens its verification
+    produced; a step that also prefills is not recorded."""
+    switch = DraftSwitch(probe_steps=1, reprobe_every=1000, window=4)
+    assert switch.step(2, decode_only=True, now=0.0) is True  # nothing measured yet: probe drafting
+    switch.tokens_generated(8)  # 2 requests x (3 accepted + 1)
+    assert switch.step(2, decode_only=True, now=0.04) is False  # probe plain next
+    assert switch.summary()[2]["drafting"] == pytest.approx(0.04 / 8)
+    switch.tokens_generated(2)
+    switch.step(2, decode_only=False, now=10.0)  # a prefill landed in this step: ignored
+    assert switch.summary()[2]["plain"] is None
+    switch.tokens_generated(2)
+    assert switch.step(2, decode_only=True, now=10.03) is True  # plain: 0.015 s/token > 0.005
+    assert switch.summary()[2]["plain"] == pytest.approx(0.03 / 2)

@@ -58,6 +58,9 @@ def gpt2_dir(tiny_root):
         (layerskip(exit_layer=2.5), "exit_layer must be an integer"),
         (layerskip(foo=1), "unknown field.*foo.*allowed: exit_layer"),
         (layerskip(adaptive_drafting="yes"), "adaptive_drafting must be true or false"),
+        (layerskip(draft_confidence_threshold=1.0), r"draft_confidence_threshold must be a number in \[0, 1\)"),
+        (layerskip(draft_confidence_threshold=-0.1), r"draft_confidence_threshold .* got -0.1"),
+        (layerskip(draft_confidence_threshold="high"), "draft_confidence_threshold must be a number"),
         (layerskip(model="other"), "unknown field.*model"),
     ],
 )
@@ -80,11 +83,14 @@ def test_pipeline_parallel_beyond_the_first_stage_is_refused(llama_dir):
 def test_metadata_supplies_defaults_and_explicit_values_win(with_metadata):
     config = engine_config(with_metadata, {"method": "layerskip"})
     assert config.additional_config["layerskip"] == {
-        "exit_layer": 1, "num_speculative_tokens": 5, "adaptive_drafting": True}
+        "exit_layer": 1, "num_speculative_tokens": 5, "adaptive_drafting": True,
+        "draft_confidence_threshold": 0.0}
     assert config.speculative_config.num_speculative_tokens == 5
-    config = engine_config(with_metadata, {"method": "layerskip", "exit_layer": 3, "adaptive_drafting": False})
+    config = engine_config(with_metadata, {"method": "layerskip", "exit_layer": 3, "adaptive_drafting": False,
+                                           "draft_confidence_threshold": 0.4})
     assert config.additional_config["layerskip"] == {
-        "exit_layer": 3, "num_speculative_tokens": 5, "adaptive_drafting": False}
+        "exit_layer": 3, "num_speculative_tokens": 5, "adaptive_drafting": False,
+        "draft_confidence_threshold": 0.4}
 
 
 def test_stock_options_pass_through(llama_dir):

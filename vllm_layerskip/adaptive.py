@@ -16,6 +16,7 @@ decision towards whichever mode did not take it.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
@@ -44,6 +45,24 @@ class DraftSwitch:
         self.reprobe_every = reprobe_every
         self.window = window
         self.buckets: dict[int, _Bucket] = {}
+        self._step: tuple[float, int, bool] | None = None  # (start, batch, drafted) of the open step
+        self._tokens = 0  # tokens the open step has produced so far
+
+    def step(self, batch_size: int, decode_only: bool, now: float | None = None) -> bool:
+        """A new engine step for `batch_size` requests begins: close the previous one (its
+        wall time and tokens go into its bucket unless this step also prefills, which says
+        nothing about drafting) and decide whether this one drafts."""
+        now = time.perf_counter() if now is None else now
+        if self._step is not None and decode_only:
+            started, batch, drafted = self._step
+            self.record(batch, drafted, now - started, self._tokens)
+        drafting = self.should_draft(batch_size)
+        self._step, self._tokens = (now, batch_size, drafting), 0
+        return drafting
+
+    def tokens_generated(self, count: int) -> None:
+        """The open step's verification produced `count` tokens."""
+        self._tokens += count
 
     def _bucket(self, batch_size: int) -> _Bucket:
         return self.buckets.setdefault(bucket_of(batch_size), _Bucket(self.window))

@@ -70,6 +70,18 @@ class ExitStates:
     def clear(self) -> None:
         self.saved = None
 
+    def forget(self, req_ids) -> None:
+        """Drop the saved states of requests that finished or were aborted."""
+        if self.saved is not None:
+            for rid in req_ids:
+                self.saved.rows.pop(rid, None)
+            if not self.saved.rows:
+                self.saved = None
+
+    def live_requests(self) -> int:
+        """Requests whose states are held (for leak checks)."""
+        return len(self.saved.rows) if self.saved is not None else 0
+
     def plan(
         self,
         req_ids: list[str],

@@ -20,8 +20,6 @@ in `exit_states` so the verification pass only runs layers >= E for them.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
@@ -35,6 +33,7 @@ from ._vllm import (
 )
 from .adaptive import DraftSwitch
 from .exit_states import ExitStates
+from .sampling import NoiseSampler, StepRows, keyed_generators, sample_draft
 
 
 def compiled_graph_count() -> int:
@@ -85,21 +84,24 @@ class EarlyExitModel(nn.Module):
 
 
 class LayerSkipProposer(DraftModelProposer):
-    def __init__(self, vllm_config, device, runner=None):
+    def __init__(self, vllm_config, device, runner, rows: StepRows, noise_sampler: NoiseSampler,
+                 switch: DraftSwitch | None):
         super().__init__(vllm_config, device, runner=runner)
         chosen = layerskip_settings(vllm_config)
         assert chosen is not None, "LayerSkipProposer built without layerskip settings"
         self.exit_layer = chosen.exit_layer
         self.exit_states = ExitStates()
-        self.runner = runner  # its input_batch names the requests of each draft row
-        self.switch = DraftSwitch() if chosen.adaptive_drafting else None
+        # The runner's: which request and seed each draft row belongs to, the target
+        # sampler's noise step, and the adaptive switch (None: draft every step).
+        self.rows = rows
+        self.noise_sampler = noise_sampler
+        self.switch = switch
+        self.confidence_threshold = chosen.draft_confidence_threshold
         # Reusing exit states replaces the target's forward by an eager split forward. That
         # saves the FLOPs of layers < E for K tokens, but where the target runs as a compiled
         # graph (and on a CPU, where a layer costs about the same for 1 or K+1 tokens) the
         # compiled full forward is faster, so then verification recomputes them.
         self.reuse_exit_states = not target_is_compiled(vllm_config)
-        self._last_step: tuple[float, int, bool] | None = None  # (start, batch, drafted)
-        self._generated_tokens = 0  # tokens the last verification step produced
 
     def load_model(self, target_model: nn.Module) -> None:
         self.model = EarlyExitModel(target_model, self.exit_layer)
@@ -128,43 +130,22 @@ class LayerSkipProposer(DraftModelProposer):
                     self.model.exit(*self.lower_layers(tokens, torch.zeros_like(tokens)))
         self.graphs_at_warmup = compiled_graph_count()
 
-    def prepare_next_token_ids_padded(self, sampled_token_ids, requests, input_batch, discard_mask):
-        next_token_ids, valid_counts = super().prepare_next_token_ids_padded(
-            sampled_token_ids, requests, input_batch, discard_mask
-        )
-        self._generated_tokens = int(valid_counts.sum())
-        return next_token_ids, valid_counts
-
-    def _decide_drafting(self, batch: int, decode_only: bool) -> bool:
-        """Time the step that just ended and ask the switch whether to draft this one.
-        Steps that also prefilled are not timed: their cost says nothing about drafting."""
-        if self.switch is None:
-            return True
-        now = time.perf_counter()
-        if self._last_step is not None and decode_only:
-            started, last_batch, drafted = self._last_step
-            self.switch.record(last_batch, drafted, now - started, self._generated_tokens)
-        drafting = self.switch.should_draft(batch)
-        self._last_step = (now, batch, drafting)
-        return drafting
-
-    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
-        """As vLLM's, but seeded requests draw their draft noise from their own generator,
-        so a request with a seed repeats exactly (vLLM's drafts ignore seeds)."""
-        generators = sampling_metadata.generators
-        if not generators or sampling_metadata.all_greedy or not self._enable_probabilistic_draft_probs:
-            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
-        logits = self.model.compute_logits(hidden_states)  # [B, V]
-        temperature = sampling_metadata.temperature[: logits.shape[0]]
-        greedy = temperature < 1e-5
-        probs = logits.div(torch.where(greedy, 1.0, temperature).unsqueeze(1)).softmax(-1, dtype=torch.float32)
-        # Sampling by argmax(p / E) with E ~ Exp(1) draws exactly from p.
-        noise = torch.empty_like(probs).exponential_()
-        for row, generator in generators.items():
-            if row < noise.shape[0]:
-                noise[row].exponential_(generator=generator)
-        tokens = torch.where(greedy, probs.argmax(-1), probs.div(noise).argmax(-1))
-        return tokens, probs
+    def _draft_tokens(self, hidden, residual, sampling_metadata, positions):
+        """Draft tokens at `positions` ([B]) with the request's temperature, top-k and top-p
+        (a seeded request's noise keyed by its seed and the position, sampling.py).
+        Returns tokens [B], their distribution q [B, V] (None when drafting greedily) and
+        the probability of each drafted token under q [B] (None unless it is needed)."""
+        logits = self.model.compute_logits(self.model.exit(hidden, residual))  # [B, V]
+        if sampling_metadata.all_greedy or not self._enable_probabilistic_draft_probs:
+            tokens = logits.argmax(-1)
+            if not self.confidence_threshold:
+                return tokens, None, None
+            return tokens, None, logits.softmax(-1, dtype=torch.float32).amax(-1)
+        seeded = self.rows.seeded
+        generators = (keyed_generators(seeded.seeds, positions.tolist(), positions.device)
+                      if seeded else {})
+        tokens, probs = sample_draft(logits, sampling_metadata, generators, self.noise_sampler)
+        return tokens, probs, probs.gather(1, tokens.view(-1, 1)).squeeze(1)
 
     def _step_metadata(
         self, verify: CommonAttentionMetadata, positions: torch.Tensor
@@ -208,7 +189,7 @@ class LayerSkipProposer(DraftModelProposer):
         mm_embed_inputs=None,
         num_rejected_tokens_gpu=None,
         slot_mappings=None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list[list[int]]:
         self._last_draft_probs = None
         verify = common_attn_metadata
         batch = verify.batch_size()
@@ -219,14 +200,15 @@ class LayerSkipProposer(DraftModelProposer):
         tokens = next_token_ids.to(torch.int64)  # [B]
         start = positions.clone()
         decode_only = verify.max_query_len <= num_speculative_tokens + 1
-        if not self._decide_drafting(batch, decode_only):
+        if self.switch is not None and not self.switch.step(batch, decode_only):
             num_speculative_tokens = 0
         if num_speculative_tokens == 0:
             self.exit_states.clear()
             return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
 
-        self.exit_states.stats.draft_tokens += batch * num_speculative_tokens
         inputs, hiddens, residuals, drafts, probs = [], [], [], [], []
+        drafting = torch.ones(batch, dtype=torch.bool, device=tokens.device)  # [B]
+        lengths = torch.zeros(batch, dtype=torch.int64, device=tokens.device)  # [B]
         for _ in range(num_speculative_tokens):
             metadata, slots = self._step_metadata(verify, positions)
             _, per_layer = self.build_per_group_and_layer_attn_metadata(metadata)
@@ -240,19 +222,26 @@ class LayerSkipProposer(DraftModelProposer):
             inputs.append(tokens)
             hiddens.append(hidden)
             residuals.append(residual)
-            tokens, step_probs = self._sample_draft_tokens(
-                self.model.exit(hidden, residual), sampling_metadata
-            )
+            positions = positions + 1  # where the token drafted from this step goes
+            tokens, step_probs, confidence = self._draft_tokens(
+                hidden, residual, sampling_metadata, positions)
             tokens = tokens.to(torch.int64)
             drafts.append(tokens)
             if step_probs is not None:
                 probs.append(step_probs)
-            positions = positions + 1
+            if self.confidence_threshold:
+                # A request keeps this token and stops after it once the draft is unsure;
+                # the loop ends when no request is left drafting.
+                lengths += drafting
+                drafting &= confidence >= self.confidence_threshold
+                if not bool(drafting.any()):
+                    break
+        self.exit_states.stats.draft_tokens += batch * len(drafts)
 
         # Keep the layer-E states for the verification pass of the next step.
         if self.reuse_exit_states:
             self.exit_states.save(
-                req_ids=list(self.runner.input_batch.req_ids[:batch]),
+                req_ids=self.rows.req_ids[:batch],
                 start_positions=start,
                 tokens=torch.stack(inputs, dim=1),  # [B, K]
                 hidden=torch.stack(hiddens, dim=1),  # [B, K, d]
@@ -260,4 +249,8 @@ class LayerSkipProposer(DraftModelProposer):
             )
         if probs:
             self._last_draft_probs = torch.stack(probs, dim=1).contiguous()  # [B, K, V]
-        return torch.stack(drafts, dim=1)  # [B, K]
+        drafted = torch.stack(drafts, dim=1)  # [B, K]
+        if not self.confidence_threshold:
+            return drafted
+        # Ragged drafts go to the scheduler as lists (as n-gram drafts do).
+        return [row[:n] for row, n in zip(drafted.tolist(), lengths.tolist())]

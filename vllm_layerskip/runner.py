@@ -19,9 +19,12 @@ import functools
 
 import torch
 
-from ._vllm import get_forward_context, platform_worker_class, replace_metadata
+from ._vllm import get_forward_context, layerskip_settings, platform_worker_class, replace_metadata
+from .adaptive import DraftSwitch
 from .exit_states import ReusePlan
 from .proposer import LayerSkipProposer, compiled_graph_count
+from .rejection import LayerSkipRejectionSampler, with_seeded_rows
+from .sampling import SeededRows, StepRows, reseed
 
 
 class LayerSkipRunnerMixin:
@@ -30,8 +33,56 @@ class LayerSkipRunnerMixin:
     def enable_layerskip(self) -> None:
         # The stock runner built a DraftModelProposer for method "draft_model"; ours is a
         # subclass of it, so every isinstance check in the runner still holds.
-        self.drafter = LayerSkipProposer(self.vllm_config, self.device, self)
+        self.step_rows = StepRows()
+        settings = layerskip_settings(self.vllm_config)
+        self.draft_switch = DraftSwitch() if settings.adaptive_drafting else None
+        self.drafter = LayerSkipProposer(self.vllm_config, self.device, self,
+                                         rows=self.step_rows,
+                                         noise_sampler=self.sampler.topk_topp_sampler,
+                                         switch=self.draft_switch)
+        self.rejection_sampler = LayerSkipRejectionSampler(
+            self.sampler, self.speculative_config, self.device)
         self._layerskip_batch = None
+
+    def _update_states(self, scheduler_output):
+        """The stock bookkeeping, then drop what we hold for requests that are gone."""
+        result = super()._update_states(scheduler_output)
+        self.drafter.exit_states.forget(scheduler_output.finished_req_ids)
+        if self.input_batch.num_reqs == 0:
+            self.step_rows.req_ids, self.step_rows.seeded = [], None
+        return result
+
+    def live_request_states(self) -> int:
+        """Requests some LayerSkip state of this worker still refers to."""
+        rows = self.step_rows
+        return (self.drafter.exit_states.live_requests() + len(rows.req_ids)
+                + (len(rows.seeded.seeds) if rows.seeded else 0))
+
+    def _seeded_rows(self) -> SeededRows | None:
+        generators = self.input_batch.generators  # row -> generator, seeded requests only
+        if not generators:
+            return None
+        num_reqs = self.input_batch.num_reqs
+        next_positions = (self.input_batch.num_computed_tokens_cpu[:num_reqs]
+                          + self.num_scheduled_tokens.np[:num_reqs]).tolist()
+        seeds = {row: self.requests[self.input_batch.req_ids[row]].sampling_params.seed
+                 for row in generators}
+        return SeededRows(seeds, next_positions)
+
+    def _sample(self, logits, spec_decode_metadata):
+        """Seeded requests draw the token at position n from `position_key(seed, n)`, not
+        from a stream whose use depends on the batch (see sampling.py)."""
+        seeded = self._seeded_rows()
+        self.step_rows.req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
+        self.step_rows.seeded = seeded
+        if seeded is not None:
+            reseed(self.input_batch.generators, seeded.seeds, seeded.next_positions)
+            if spec_decode_metadata is not None:
+                spec_decode_metadata = with_seeded_rows(spec_decode_metadata, seeded)
+        output = super()._sample(logits, spec_decode_metadata)
+        if self.draft_switch is not None:
+            self.draft_switch.tokens_generated(int((output.sampled_token_ids >= 0).sum()))
+        return output
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, batch = super()._build_attention_metadata(*args, **kwargs)
@@ -124,10 +175,11 @@ class LayerSkipWorker(platform_worker_class()):
         drafter = self.model_runner.drafter
         stats = drafter.exit_states.stats.as_dict()
         stats["compiled_draft"] = drafter.compiled_draft
+        stats["live_request_states"] = self.model_runner.live_request_states()
         # Compilations after start-up: each one stalls every request for seconds.
         stats["graphs_compiled_while_serving"] = compiled_graph_count() - drafter.graphs_at_warmup
-        if drafter.switch is not None:
-            stats["seconds_per_token_by_batch_bucket"] = drafter.switch.summary()
+        if self.model_runner.draft_switch is not None:
+            stats["seconds_per_token_by_batch_bucket"] = self.model_runner.draft_switch.summary()
         return stats
 
     def layerskip_weight_sharing(self) -> dict:

@@ -8,7 +8,7 @@ configs, and turns the result into a stock `SpeculativeConfig`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 METHOD = "layerskip"
@@ -33,13 +33,11 @@ class LayerSkipSettings:
     exit_layer: int  # decoder layers the draft runs: 1 <= exit_layer < num_hidden_layers
     num_speculative_tokens: int  # draft_len: tokens drafted per verification step
     adaptive_drafting: bool = True  # per batch size, draft only where it measures faster
+    # A request stops drafting after a token whose draft probability is below this; 0 = off.
+    draft_confidence_threshold: float = 0.0
 
     def as_dict(self) -> dict:
-        return {
-            "exit_layer": self.exit_layer,
-            "num_speculative_tokens": self.num_speculative_tokens,
-            "adaptive_drafting": self.adaptive_drafting,
-        }
+        return asdict(self)
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -115,12 +113,20 @@ def resolve(
             f"speculative_config.adaptive_drafting must be true or false, got {adaptive!r}"
         )
 
+    threshold = rest.pop("draft_confidence_threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise LayerSkipConfigError(
+            f"speculative_config.draft_confidence_threshold must be a number in [0, 1) "
+            f"(0 = off), got {threshold!r}"
+        )
+
     allowed = set(allowed_fields)
     unknown = sorted(set(rest) - allowed)
     if unknown:
         raise LayerSkipConfigError(
             f"speculative_config has unknown field(s) {', '.join(unknown)} for method "
             f"'layerskip'; allowed: exit_layer, num_speculative_tokens, adaptive_drafting, "
+            f"draft_confidence_threshold, "
             f"{', '.join(sorted(allowed))}"
         )
-    return LayerSkipSettings(exit_layer, draft_len, adaptive), rest
+    return LayerSkipSettings(exit_layer, draft_len, adaptive, float(threshold)), rest
