@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import report, server
 from benchmarks.loadgen import run_load
 from benchmarks.prompts import PROMPT_SETS, load_prompts
-from benchmarks.runner import default_work_dir, free_port, log_tail, process_group
+from benchmarks.runner import default_work_dir, log_tail, process_group
 from benchmarks.systems import resolve_spec
 from benchmarks.throughput import _int_list
 
@@ -63,17 +59,11 @@ def build_parser():
     return ap
 
 
-def vllm_cli() -> list[str]:
-    exe = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
-    return [exe]
-
-
-def serve_cmd(args, system, port, e, k) -> list[str]:
-    cmd = vllm_cli() + ["serve", str(args.model), "--host", "127.0.0.1", "--port", str(port),
-                        "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-                        "--max-num-seqs", str(max(args.concurrency)),
-                        "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30))),
-                        "--seed", "0"]
+def serve_args(args, system, e, k) -> list[str]:
+    """`vllm serve` flags after the model, host and port."""
+    cmd = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+           "--max-num-seqs", str(max(args.concurrency)),
+           "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30))), "--seed", "0"]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
     if system == "layerskip":
@@ -82,40 +72,16 @@ def serve_cmd(args, system, port, e, k) -> list[str]:
     return cmd
 
 
-def wait_ready(url: str, proc, timeout: float, log_path) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_tail(log_path)}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{log_tail(log_path)}")
-
-
 def scrape_spec_metrics(url: str) -> dict:
     """Spec-decode counters from the server's Prometheus /metrics (summed over labels)."""
-    out = dict.fromkeys(SPEC_METRICS, 0.0)
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        m = re.match(r"^(vllm:spec_decode_num_\w+?)(?:_total)?(?:\{[^}]*\})? ([0-9.eE+-]+)$", line)
-        if m and m.group(1) in out:
-            out[m.group(1)] += float(m.group(2))
-    return out
+    m = server.metrics(url)
+    return {name: m.get(name + "_total", 0.0) for name in SPEC_METRICS}
 
 
 def bench_level(args, url, dataset, n, c, work, name) -> dict:
     """One `vllm bench serve` run: n requests at concurrency c; returns its result JSON."""
     res_name = f"{name}-c{c}.json"
-    cmd = vllm_cli() + [
+    cmd = server.vllm_cli() + [
         "bench", "serve", "--backend", "vllm", "--base-url", url, "--model", str(args.model),
         "--tokenizer", str(args.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
         "--custom-output-len", str(args.max_tokens), "--skip-chat-template",
@@ -136,12 +102,11 @@ def bench_level(args, url, dataset, n, c, work, name) -> dict:
 
 
 def run_system(args, system, e, k, dataset, prompts, work, bar) -> list[dict]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = work / f"serve-{system}.log"
     rows = []
-    with process_group(serve_cmd(args, system, port, e, k), log) as proc:
-        wait_ready(url, proc, args.startup_timeout, log)
+    with server.running_server(args.model, serve_args(args, system, e, k), log,
+                               args.startup_timeout) as srv:
+        url = srv.url
         for c in args.concurrency:
             bar.set_postfix_str(f"{system} c={c}")
             n = args.num_requests or max(16, 2 * c)

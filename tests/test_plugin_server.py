@@ -5,64 +5,28 @@ whole process group killed at the end."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 from conftest import layerskip
 
+from benchmarks.server import running_server
+
+pytestmark = pytest.mark.engine
+
 PROMPT = "def parse(path):\n    with open(path) as f:\n"
 STARTUP_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(llama_dir, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(llama_dir),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "512", "--block-size", "32",
-        "--kv-cache-memory-bytes", str(32 << 20), "--enforce-eager", "--seed", "0",
-        "--speculative-config", json.dumps(layerskip()),
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("vllm serve did not become healthy in time")
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+    args = ["--dtype", "float32", "--max-model-len", "512", "--block-size", "32",
+            "--kv-cache-memory-bytes", str(32 << 20), "--enforce-eager", "--seed", "0",
+            "--speculative-config", json.dumps(layerskip())]
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    # Its own process group on 127.0.0.1, killed as a whole when the module is done.
+    with running_server(llama_dir, args, log, STARTUP_TIMEOUT_S) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
