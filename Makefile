@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   build (or reuse) a small LayerSkip model and race plain vLLM against LayerSkip
-#   make test   run the test suite
+#   make test   run the test suite (everything; what CI runs)
+#   make test-fast   the tests that start no vLLM engine and train nothing (edit-test loop)
 # Both create or reuse the project's environment in .venv.
 
 PYTHON ?= python3
@@ -10,13 +11,16 @@ PY     := $(VENV)/bin/python
 VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: demo test env reference clean-env
+.PHONY: demo test test-fast env reference clean-env
 
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not engine and not slow"
 
 reference: $(STAMP)
 	$(PY) -m benchmarks.reference

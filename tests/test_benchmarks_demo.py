@@ -3,6 +3,11 @@ a second invocation reuses the model."""
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
 TINY = ["--layers", "2", "--hidden-size", "64", "--vocab-size", "512", "--steps", "3",
         "--seq-len", "64", "--batch-size", "4", "--train-files", "10"]
 

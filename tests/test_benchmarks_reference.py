@@ -4,6 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
 TINY = ["--layers", "2", "--hidden-size", "64", "--vocab-size", "512", "--steps", "2",
         "--seq-len", "64", "--batch-size", "4", "--train-files", "10", "--eval-blocks", "4",
         "--no-split", "--no-progress"]

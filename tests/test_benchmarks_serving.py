@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from benchmarks.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.engine
 
 
 def test_serving_bounded(tmp_path):

@@ -3,7 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from benchmarks.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.engine
 
 
 def test_sweep_2x2_writes_best(tmp_path):

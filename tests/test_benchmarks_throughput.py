@@ -11,6 +11,8 @@ import pytest
 from benchmarks.systems import ALL_SYSTEMS
 from benchmarks.tiny_model import build_tiny_model
 
+pytestmark = pytest.mark.engine
+
 FIELDS = {"system", "batch_size", "temperature", "tokens_per_s", "speedup", "acceptance_rate",
           "mean_accepted_length", "ideal_speedup", "peak_memory_mb", "kv_blocks"}
 

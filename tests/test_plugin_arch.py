@@ -10,6 +10,8 @@ import torch
 from conftest import EXIT_LAYER, layerskip, open_engine, spec_counters
 from vllm import SamplingParams
 
+pytestmark = pytest.mark.engine
+
 PROMPTS = [
     [10, 200, 37],
     [45, 99, 120, 7, 300, 41, 52, 66, 71, 80, 91],

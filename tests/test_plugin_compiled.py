@@ -10,6 +10,8 @@ from vllm import SamplingParams
 
 from tiny_models import stdlib_files
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def prompts(llama_dir) -> list[list[int]]:
