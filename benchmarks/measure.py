@@ -86,6 +86,8 @@ def run_vllm(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
+    if spec.get("drafting"):
+        llm.collective_rpc("layerskip_set_drafting", args=(spec["drafting"],))
     cache = llm.llm_engine.vllm_config.cache_config
     kv_blocks = getattr(cache, "num_gpu_blocks", None)
     cells, texts = [], {}

@@ -10,7 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-VLLM_SYSTEMS = ("vllm", "vllm-draft-truncated", "vllm-ngram", "layerskip")
+# layerskip-off: LayerSkip configured, drafting switched off at run time (worker RPC
+# `layerskip_set_drafting`): what the plugin costs when it does not draft.
+VLLM_SYSTEMS = ("vllm", "vllm-draft-truncated", "vllm-ngram", "layerskip", "layerskip-off")
 HF_SYSTEMS = ("hf", "hf-early-exit")
 ALL_SYSTEMS = VLLM_SYSTEMS + HF_SYSTEMS
 SPEC_SYSTEMS = ("vllm-draft-truncated", "vllm-ngram", "layerskip", "hf-early-exit")
@@ -124,13 +126,18 @@ def vllm_engine_kwargs(system: str, model_dir, exit_layer: int, k: int, *, dtype
             raise ValueError("vllm-draft-truncated needs the truncated copy")
         kw["speculative_config"] = {"method": "draft_model", "model": str(truncated_dir),
                                     "num_speculative_tokens": k}
-    elif system == "layerskip":
+    elif system in ("layerskip", "layerskip-off"):
         kw["speculative_config"] = {"method": "layerskip", "exit_layer": exit_layer,
                                     "num_speculative_tokens": k,
                                     "adaptive_drafting": adaptive_drafting}
     else:
         raise ValueError(f"not a vLLM system: {system}")
     return kw
+
+
+def drafting_mode(system: str) -> str | None:
+    """The run-time drafting mode a system sets after start-up (None: as configured)."""
+    return "off" if system == "layerskip-off" else None
 
 
 def hf_generate_kwargs(system: str, exit_layer: int, k: int) -> dict:

@@ -20,8 +20,8 @@ from pathlib import Path
 from benchmarks import ideal, report
 from benchmarks.prompts import PROMPT_SETS, load_prompts
 from benchmarks.runner import WorkerError, default_work_dir, run_worker
-from benchmarks.systems import (ALL_SYSTEMS, HF_SYSTEMS, hf_generate_kwargs, num_layers,
-                                parse_systems, resolve_spec, vllm_engine_kwargs,
+from benchmarks.systems import (ALL_SYSTEMS, HF_SYSTEMS, drafting_mode, hf_generate_kwargs,
+                                num_layers, parse_systems, resolve_spec, vllm_engine_kwargs,
                                 write_truncated_copy)
 
 DRAFT_COST_RUN = "draft-step"   # plain vLLM on the truncated copy: the cost of a draft step
@@ -123,7 +123,8 @@ def vllm_spec(args, system, model, cells, e, k, truncated, max_num_seqs) -> dict
                                 truncated_dir=truncated, enforce_eager=args.enforce_eager,
                                 seed=args.seed, kv_cache_gib=args.kv_cache_gib,
                                 adaptive_drafting=not args.fixed_drafting)
-    return {"kind": "vllm", "engine": engine, "cells": cells, "max_tokens": args.max_tokens,
+    return {"kind": "vllm", "engine": engine, "drafting": drafting_mode(system),
+            "cells": cells, "max_tokens": args.max_tokens,
             "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
             "in_process": args.in_process_engine}
 
@@ -210,6 +211,11 @@ def check_targets(rows: list[dict]) -> dict:
     ls32, v32 = tps("layerskip", 32), tps("vllm", 32)
     if ls32 and v32:
         out["batch32_vs_vllm>=1.0"] = {"value": round(ls32 / v32, 3), "ok": ls32 >= v32}
+    for b in (1, 8, 32):
+        off, plain = tps("layerskip-off", b), tps("vllm", b)
+        if off and plain:
+            out[f"batch{b}_drafting_off_vs_vllm>=0.98"] = {"value": round(off / plain, 3),
+                                                          "ok": off / plain >= 0.98}
     return out
 
 

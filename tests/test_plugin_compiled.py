@@ -1,6 +1,6 @@
-"""A compiled engine (vLLM's default, no enforce_eager): the draft's first E layers are
-compiled too, verification is the stock compiled forward, greedy output still equals plain
-(compiled) vLLM token for token, and the compiled draft proposes what the eager one does."""
+"""A compiled engine (vLLM's default, no enforce_eager): the draft's first E layers and the
+verification's layers >= E are compiled too, greedy output still equals plain (compiled)
+vLLM token for token, and the compiled draft proposes what the eager one does."""
 
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
         (stats,) = spec.collective_rpc("layerskip_stats")
     assert got == expected
     assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
-    # No exit states are saved, so every verification is the stock (compiled) forward.
+    # Verification reuses the draft's layer-E states, through the compiled upper layers.
+    # (Rows drafted while their prompt was still being prefilled in chunks count as
+    # mismatches: they run every layer, as they must.)
     assert stats["draft_tokens"] > 0
-    assert stats["verify_passes"] == 0 and stats["reused_tokens"] == 0
+    assert stats["verify_passes"] > 0 and stats["reused_tokens"] > 0
     assert stats["compiled_draft"]
     # Traced at start-up for every batch size the prompts bring (1 to 6 requests): serving
     # never waits for a compilation.

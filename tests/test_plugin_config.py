@@ -61,6 +61,8 @@ def gpt2_dir(tiny_root):
         (layerskip(draft_confidence_threshold=1.0), r"draft_confidence_threshold must be a number in \[0, 1\)"),
         (layerskip(draft_confidence_threshold=-0.1), r"draft_confidence_threshold .* got -0.1"),
         (layerskip(draft_confidence_threshold="high"), "draft_confidence_threshold must be a number"),
+        (layerskip(verify_from_exit_states=1), "verify_from_exit_states must be true or false"),
+        (layerskip(draft_vocab_size=8), r"draft_vocab_size=8 needs a ranking"),
         (layerskip(model="other"), "unknown field.*model"),
     ],
 )
@@ -84,13 +86,13 @@ def test_metadata_supplies_defaults_and_explicit_values_win(with_metadata):
     config = engine_config(with_metadata, {"method": "layerskip"})
     assert config.additional_config["layerskip"] == {
         "exit_layer": 1, "num_speculative_tokens": 5, "adaptive_drafting": True,
-        "draft_confidence_threshold": 0.0}
+        "draft_confidence_threshold": 0.0, "draft_vocab_size": 0, "verify_from_exit_states": True}
     assert config.speculative_config.num_speculative_tokens == 5
     config = engine_config(with_metadata, {"method": "layerskip", "exit_layer": 3, "adaptive_drafting": False,
                                            "draft_confidence_threshold": 0.4})
     assert config.additional_config["layerskip"] == {
         "exit_layer": 3, "num_speculative_tokens": 5, "adaptive_drafting": False,
-        "draft_confidence_threshold": 0.4}
+        "draft_confidence_threshold": 0.4, "draft_vocab_size": 0, "verify_from_exit_states": True}
 
 
 def test_stock_options_pass_through(llama_dir):

@@ -109,3 +109,39 @@ def test_confidence_threshold_keeps_the_sampled_distribution(spec, unsure):
     want = generate(spec, [PROMPTS[3]] * 1500, params)
     have = generate(unsure, [PROMPTS[3]] * 1500, params)
     assert min_pvalue(want, have) > 0.001 / 3
+
+
+@pytest.fixture(scope="module")
+def subset_head(tiny_root, llama_dir, spec):
+    """The draft's LM head covers the 64 most frequent of 512 token ids."""
+    import shutil
+
+    from tiny_models import stdlib_files
+    from training.token_ranking import main as rank
+
+    model = tiny_root / "llama_ranked"
+    if not model.exists():
+        shutil.copytree(llama_dir, model)
+        rank(["--model", str(model), "--data", *stdlib_files(20)])
+    with open_engine(model, speculative_config=layerskip(draft_vocab_size=64)) as llm:
+        yield llm
+
+
+def test_vocabulary_subset_changes_no_output(spec, subset_head):
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    before = spec_counters(subset_head)
+    assert generate(subset_head, PROMPTS, greedy) == generate(spec, PROMPTS, greedy)
+    after = spec_counters(subset_head)
+    assert 0 < after["num_accepted_tokens"] - before["num_accepted_tokens"]
+    seeded = SamplingParams(temperature=0.8, top_k=40, seed=11, max_tokens=40, ignore_eos=True)
+    assert generate(subset_head, PROMPTS[:3], seeded) == generate(spec, PROMPTS[:3], seeded)
+
+
+def test_vocabulary_subset_keeps_the_sampled_distribution(spec, subset_head):
+    """q = 0 outside the subset: tokens only the target proposes still come out, as often."""
+    from test_plugin_llama import min_pvalue
+
+    params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
+    want = generate(spec, [PROMPTS[4]] * 1500, params)
+    have = generate(subset_head, [PROMPTS[4]] * 1500, params)
+    assert min_pvalue(want, have) > 0.001 / 3

@@ -24,6 +24,7 @@ from .evaluate import per_exit_stats
 from .layer_dropout import sample_keep_mask
 from .layerskip_model import LayerSkipLM
 from .metadata import write_layerskip_metadata
+from .token_ranking import DRAFT_VOCAB_KEY, rank_tokens
 from .recipe import Recipe, step_plan
 from .schedule import lr_factor
 
@@ -197,12 +198,14 @@ def train(hf_model, tokenizer, train_blocks: torch.Tensor, heldout: torch.Tensor
     bar.close()
     model_sd, _ = _full_state(model, optimizer)
     if env.is_main:
-        finish(hf_model, model_sd, tokenizer, heldout, recipe, cfg, extra_meta)
+        draft_vocab = rank_tokens(train_blocks, hf_model.config.vocab_size)
+        finish(hf_model, model_sd, tokenizer, heldout, recipe, cfg,
+               extra_meta, draft_vocab)
     barrier(env)
 
 
 def finish(hf_model, model_sd: dict, tokenizer, heldout: torch.Tensor, recipe: Recipe,
-           cfg: TrainConfig, extra_meta: dict) -> None:
+           cfg: TrainConfig, extra_meta: dict, draft_vocab: list[int]) -> None:
     """Save the final model, then calibrate on held-out data (the trained weights, no
     dropout) and store the recommendation in config.json."""
     ckpt.save_final(cfg.output, hf_model, model_sd, tokenizer)
@@ -213,7 +216,8 @@ def finish(hf_model, model_sd: dict, tokenizer, heldout: torch.Tensor, recipe: R
     rec["calibration"].update(heldout_sequences=min(len(heldout), cfg.calibration_blocks),
                               accuracy=[round(r["accuracy"], 4) for r in stats],
                               loss=[round(r["loss"], 4) for r in stats])
-    write_layerskip_metadata(cfg.output, {**rec, "recipe": recipe.to_dict(),
+    write_layerskip_metadata(cfg.output, {**rec, DRAFT_VOCAB_KEY: draft_vocab,
+                                          "recipe": recipe.to_dict(),
                                           "training": {"steps": cfg.steps, "seq_len": cfg.seq_len,
                                                        "batch_size": cfg.batch_size, "seed": cfg.seed,
                                                        **extra_meta}})

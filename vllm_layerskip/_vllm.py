@@ -33,12 +33,15 @@ Patched at plugin load (`install()`, called from the `vllm.general_plugins` entr
 Subclassed or called (see proposer.py and runner.py, which import them from here):
 - `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`) and its base
   `SpecDecodeBaseProposer`: we override `load_model`, `dummy_run` and `propose`, and use
-  `initialize_attn_backend`, `build_per_group_and_layer_attn_metadata` and
-  `_sample_draft_tokens` as they are.
+  `initialize_attn_backend` and `build_per_group_and_layer_attn_metadata` as they are, and
+  the attributes `arange`, `block_size`, `max_model_len`, `device`,
+  `_enable_probabilistic_draft_probs` (draft_sample_method) and `_last_draft_probs`.
 - `CPUWorker` / `Worker` (`init_device` builds the runner) and the V1 runner's
   `execute_model`, `_build_attention_metadata` (its second return value: the batch's
-  `CommonAttentionMetadata`), `_model_forward` (documented as the override point) and
-  `_sample(logits, spec_decode_metadata)`; its attributes `sampler` (whose
+  `CommonAttentionMetadata`), `_model_forward` (documented as the override point),
+  `_update_states(scheduler_output)` (`finished_req_ids`), `propose_draft_token_ids` (called
+  positionally by `sample_tokens` right after sampling) and
+  `_sample(logits, spec_decode_metadata)`; its attributes `num_spec_tokens`, `sampler` (whose
   `topk_topp_sampler` draws the noise), `rejection_sampler` (replaced by ours),
   `requests[req_id].sampling_params.seed`, and `input_batch` (`req_ids`, `num_reqs`,
   `generators`: row -> the seeded request's `torch.Generator`, `num_computed_tokens_cpu`)
@@ -61,7 +64,8 @@ Subclassed or called (see proposer.py and runner.py, which import them from here
   at run time, so the traced graph holds no per-step state.
 - Decoder structure of Llama/Qwen2: `model.model.embed_input_ids`, `model.model.layers[i]
   (positions, hidden, residual) -> (hidden, residual)`, `model.model.norm(hidden, residual)`,
-  `model.compute_logits`, attention module at `layers[i].self_attn.attn` with `layer_name`.
+  `model.compute_logits`, `model.lm_head.weight` and `model.logits_processor` (`org_vocab_size`,
+  `scale`, `soft_cap`: the draft head over a vocabulary subset applies them as it does), attention module at `layers[i].self_attn.attn` with `layer_name`.
 """
 
 from __future__ import annotations
@@ -125,6 +129,16 @@ def layerskip_settings(vllm_config: VllmConfig) -> settings.LayerSkipSettings | 
     return settings.LayerSkipSettings(**raw) if raw else None
 
 
+def layerskip_draft_vocab(vllm_config: VllmConfig) -> list[int] | None:
+    """The token ids the draft head computes (the first draft_vocab_size of the
+    checkpoint's ranking), or None for the full vocabulary."""
+    chosen = layerskip_settings(vllm_config)
+    if chosen is None or not chosen.draft_vocab_size:
+        return None
+    ranking = _hf_metadata(vllm_config.model_config.hf_config)[settings.DRAFT_VOCAB_KEY]
+    return [int(t) for t in ranking[: chosen.draft_vocab_size]]
+
+
 def platform_worker_class() -> type:
     """The stock worker class of this platform, which LayerSkipWorker extends."""
     from vllm.platforms import current_platform
@@ -162,6 +176,7 @@ def _create_speculative_config(original, self, target_model_config, target_paral
         metadata=_hf_metadata(target_model_config.hf_config),
         allowed_fields=PASS_THROUGH_FIELDS,
         pipeline_parallel_size=target_parallel_config.pipeline_parallel_size,
+        tensor_parallel_size=target_parallel_config.tensor_parallel_size,
     )
     if target_parallel_config.worker_cls not in ("auto", WORKER_CLS):
         raise settings.LayerSkipConfigError(
@@ -227,6 +242,64 @@ def _sample_tokens(original, self, *args, **kwargs):
         return original(self, *args, **kwargs)
     finally:
         generators.update(held)
+
+
+# Each vLLM internal we call, subclass or patch, with the leading parameters we rely on
+# (checked against the installed vLLM by tests/test_vllm_internals.py).
+INTERNALS: dict[str, tuple[str, ...]] = {
+    "vllm.engine.arg_utils.EngineArgs.create_speculative_config":
+        ("self", "target_model_config", "target_parallel_config"),
+    "vllm.config.VllmConfig._get_v2_model_runner_unsupported_features": ("self",),
+    "vllm.v1.sample.rejection_sampler.expand_batch_to_tokens":
+        ("x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"),
+    "vllm.v1.sample.rejection_sampler.apply_top_k_top_p": ("logits", "k", "p"),
+    "vllm.v1.sample.rejection_sampler.apply_sampling_constraints":
+        ("logits", "cu_num_draft_tokens", "sampling_metadata"),
+    "vllm.v1.sample.rejection_sampler.RejectionSampler.forward":
+        ("self", "metadata", "draft_probs", "logits", "sampling_metadata"),
+    "vllm.v1.sample.rejection_sampler.RejectionSampler.apply_logits_processors":
+        ("self", "logits", "sampling_metadata", "metadata"),
+    "vllm.v1.sample.rejection_sampler.RejectionSampler._get_logprobs_tensors":
+        ("self", "max_num_logprobs", "metadata", "logits", "target_logits", "bonus_logits",
+         "sampled_token_ids"),
+    "vllm.v1.sample.ops.topk_topp_sampler.TopKTopPSampler.forward_native":
+        ("self", "logits", "generators", "k", "p"),
+    "vllm.v1.sample.ops.topk_topp_sampler.TopKTopPSampler.forward_cpu":
+        ("self", "logits", "generators", "k", "p"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": ("self", "grammar_output"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample":
+        ("self", "logits", "spec_decode_metadata"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states": ("self", "scheduler_output"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.propose_draft_token_ids":
+        ("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+         "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
+         "common_attn_metadata", "slot_mappings"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata": ("self",),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._model_forward":
+        ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds"),
+    "vllm.v1.spec_decode.draft_model.DraftModelProposer.load_model": ("self", "target_model"),
+    "vllm.v1.spec_decode.draft_model.DraftModelProposer.dummy_run": ("self", "num_tokens"),
+    "vllm.v1.spec_decode.draft_model.DraftModelProposer.propose":
+        ("self", "num_speculative_tokens", "target_token_ids", "target_positions",
+         "target_hidden_states", "next_token_ids", "token_indices_to_sample",
+         "common_attn_metadata", "sampling_metadata", "mm_embed_inputs",
+         "num_rejected_tokens_gpu", "slot_mappings"),
+    "vllm.v1.spec_decode.draft_model.DraftModelProposer.build_per_group_and_layer_attn_metadata":
+        ("self",),
+}
+
+# Dataclass fields we read or construct with.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "vllm.v1.attention.backend.CommonAttentionMetadata":
+        ("query_start_loc", "query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound",
+         "num_reqs", "num_actual_tokens", "max_query_len", "max_seq_len",
+         "block_table_tensor", "slot_mapping", "causal", "positions"),
+    "vllm.v1.spec_decode.metadata.SpecDecodeMetadata":
+        ("draft_token_ids", "num_draft_tokens", "cu_num_draft_tokens", "target_logits_indices",
+         "bonus_logits_indices", "logits_indices"),
+    "vllm.v1.sample.metadata.SamplingMetadata":
+        ("temperature", "all_greedy", "top_p", "top_k", "generators", "max_num_logprobs"),
+}
 
 
 def install() -> None:

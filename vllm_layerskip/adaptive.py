@@ -20,6 +20,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
+from typing import Literal, get_args
+
+
+# "adaptive": the switch decides per batch-size bucket; "always": draft every step;
+# "off": never draft (LayerSkip stays configured, every step samples as plain vLLM).
+DraftingMode = Literal["adaptive", "always", "off"]
+DRAFTING_MODES = get_args(DraftingMode)
 
 
 def bucket_of(batch_size: int) -> int:
@@ -59,6 +66,10 @@ class DraftSwitch:
         drafting = self.should_draft(batch_size)
         self._step, self._tokens = (now, batch_size, drafting), 0
         return drafting
+
+    def restart(self) -> None:
+        """Forget the open step (drafting was switched by hand while it ran)."""
+        self._step, self._tokens = None, 0
 
     def tokens_generated(self, count: int) -> None:
         """The open step's verification produced `count` tokens."""

@@ -48,6 +48,8 @@ class ReuseStats:
     lower_token_layers: int = 0  # token x layer evaluations below E in target passes
     mismatches: int = 0  # requests whose saved state did not match what was scheduled
     draft_tokens: int = 0  # tokens run through the draft (K per request and round, no re-prefill)
+    draft_steps: int = 0  # draft forward passes (one token per drafting request each)
+    draft_seconds: float = 0.0  # wall time of the draft loops (host clock: exact on CPU)
 
     def as_dict(self) -> dict:
         return dict(vars(self))

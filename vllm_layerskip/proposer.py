@@ -20,18 +20,22 @@ in `exit_states` so the verification pass only runs layers >= E for them.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ._vllm import (
     PADDING_SLOT_ID,
     CommonAttentionMetadata,
     DraftModelProposer,
+    layerskip_draft_vocab,
     layerskip_settings,
     set_forward_context,
     target_is_compiled,
 )
-from .adaptive import DraftSwitch
+from .draft_head import DraftHead
 from .exit_states import ExitStates
 from .sampling import NoiseSampler, StepRows, keyed_generators, sample_draft
 
@@ -46,10 +50,11 @@ def compiled_graph_count() -> int:
 class EarlyExitModel(nn.Module):
     """A view of a decoder model that stops after `exit_layer` layers (shares all weights)."""
 
-    def __init__(self, target: nn.Module, exit_layer: int):
+    def __init__(self, target: nn.Module, exit_layer: int, draft_vocab: list[int] | None = None):
         super().__init__()
         self.target = target
         self.exit_layer = exit_layer
+        self.head = DraftHead(target, draft_vocab)  # the full LM head unless a subset is given
 
     @property
     def decoder(self) -> nn.Module:
@@ -80,31 +85,29 @@ class EarlyExitModel(nn.Module):
         return self.exit(hidden, residual)
 
     def compute_logits(self, hidden_states):
-        return self.target.compute_logits(hidden_states)
+        return self.head(hidden_states)
 
 
 class LayerSkipProposer(DraftModelProposer):
-    def __init__(self, vllm_config, device, runner, rows: StepRows, noise_sampler: NoiseSampler,
-                 switch: DraftSwitch | None):
+    def __init__(self, vllm_config, device, runner, rows: StepRows, noise_sampler: NoiseSampler):
         super().__init__(vllm_config, device, runner=runner)
         chosen = layerskip_settings(vllm_config)
         assert chosen is not None, "LayerSkipProposer built without layerskip settings"
         self.exit_layer = chosen.exit_layer
         self.exit_states = ExitStates()
-        # The runner's: which request and seed each draft row belongs to, the target
-        # sampler's noise step, and the adaptive switch (None: draft every step).
+        # The runner's: which request and seed each draft row belongs to, and the target
+        # sampler's noise step.
         self.rows = rows
         self.noise_sampler = noise_sampler
-        self.switch = switch
         self.confidence_threshold = chosen.draft_confidence_threshold
-        # Reusing exit states replaces the target's forward by an eager split forward. That
-        # saves the FLOPs of layers < E for K tokens, but where the target runs as a compiled
-        # graph (and on a CPU, where a layer costs about the same for 1 or K+1 tokens) the
-        # compiled full forward is faster, so then verification recomputes them.
-        self.reuse_exit_states = not target_is_compiled(vllm_config)
+        # Save the layer-E states of the drafted tokens, so that verification runs only
+        # layers >= E for them (runner.py); off: the stock forward verifies.
+        self.reuse_exit_states = chosen.verify_from_exit_states
 
+    @override
     def load_model(self, target_model: nn.Module) -> None:
-        self.model = EarlyExitModel(target_model, self.exit_layer)
+        self.model = EarlyExitModel(target_model, self.exit_layer,
+                                    layerskip_draft_vocab(self.vllm_config))
         # The "draft attention layers" are the target's own layers < exit_layer: the base
         # class builds metadata builders for them and no new KV cache is registered.
         self._draft_attn_layer_names = set(self.model.attention_layer_names())
@@ -112,11 +115,19 @@ class LayerSkipProposer(DraftModelProposer):
         # a layer costs about twice its compiled self on CPU (op dispatch, unfused norms and
         # activation), and a draft step through E of L layers would cost more than E/L of a
         # full step. One graph with a symbolic token count serves every batch size.
+        # The verification's upper half is compiled the same way.
         self.compiled_draft = target_is_compiled(self.vllm_config)
-        self.lower_layers = (torch.compile(self.model.lower_layers, dynamic=True)
-                             if self.compiled_draft else self.model.lower_layers)
+        compile_ = (lambda f: torch.compile(f, dynamic=True)) if self.compiled_draft else (lambda f: f)
+        self.lower_layers = compile_(self.model.lower_layers)
+        self.upper_layers = compile_(self.model.upper_layers)
         self.graphs_at_warmup = compiled_graph_count()
 
+    @property
+    def draft_layer_names(self) -> set[str]:
+        """Attention layers the draft runs (the target's layers < exit_layer)."""
+        return self._draft_attn_layer_names
+
+    @override
     def dummy_run(self, num_tokens: int, *args, **kwargs) -> None:
         # Start-up traces the compiled draft here rather than in the middle of a request:
         # for one token (the compiler specializes size 1) and for many, with inputs like a
@@ -126,9 +137,18 @@ class LayerSkipProposer(DraftModelProposer):
         with torch.inference_mode():
             for n in sizes:
                 tokens = torch.zeros(n, dtype=torch.int64, device=self.device)
+                positions = torch.zeros_like(tokens)
                 with set_forward_context(None, self.vllm_config, num_tokens=n):
-                    self.model.exit(*self.lower_layers(tokens, torch.zeros_like(tokens)))
+                    hidden, residual = self.lower_layers(tokens, positions)
+                    self.model.exit(hidden, residual)
+                    if self.reuse_exit_states:
+                        self.upper_layers(positions, hidden, residual)
         self.graphs_at_warmup = compiled_graph_count()
+
+    def skip_round(self, batch: int) -> torch.Tensor:
+        """No drafts this step: [B, 0], and no saved states to match."""
+        self.exit_states.clear()
+        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
 
     def _draft_tokens(self, hidden, residual, sampling_metadata, positions):
         """Draft tokens at `positions` ([B]) with the request's temperature, top-k and top-p
@@ -176,6 +196,7 @@ class LayerSkipProposer(DraftModelProposer):
         )
         return metadata, slots
 
+    @override
     def propose(
         self,
         num_speculative_tokens,
@@ -199,13 +220,10 @@ class LayerSkipProposer(DraftModelProposer):
         positions = target_positions[token_indices_to_sample].to(torch.int64) + 1  # [B]
         tokens = next_token_ids.to(torch.int64)  # [B]
         start = positions.clone()
-        decode_only = verify.max_query_len <= num_speculative_tokens + 1
-        if self.switch is not None and not self.switch.step(batch, decode_only):
-            num_speculative_tokens = 0
         if num_speculative_tokens == 0:
-            self.exit_states.clear()
-            return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
+            return self.skip_round(batch)
 
+        started = time.perf_counter()
         inputs, hiddens, residuals, drafts, probs = [], [], [], [], []
         drafting = torch.ones(batch, dtype=torch.bool, device=tokens.device)  # [B]
         lengths = torch.zeros(batch, dtype=torch.int64, device=tokens.device)  # [B]
@@ -236,7 +254,10 @@ class LayerSkipProposer(DraftModelProposer):
                 drafting &= confidence >= self.confidence_threshold
                 if not bool(drafting.any()):
                     break
-        self.exit_states.stats.draft_tokens += batch * len(drafts)
+        stats = self.exit_states.stats
+        stats.draft_tokens += batch * len(drafts)
+        stats.draft_steps += len(drafts)
+        stats.draft_seconds += time.perf_counter() - started
 
         # Keep the layer-E states for the verification pass of the next step.
         if self.reuse_exit_states:

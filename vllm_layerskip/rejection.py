@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from typing_extensions import override
 
 from ._vllm import (
     PLACEHOLDER_TOKEN_ID,
@@ -36,6 +37,7 @@ def with_seeded_rows(metadata: SpecDecodeMetadata, seeded: SeededRows) -> Seeded
 
 
 class LayerSkipRejectionSampler(RejectionSampler):
+    @override
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         # The runner has keyed each seeded request's generator to the position of its bonus
         # token, so vLLM's sampler draws that token as a plain step there would.

@@ -8,9 +8,9 @@ Verification of a batch, when the previous step drafted for some of its requests
     other tokens (last draft, prefills) ─> embed -> layers[:E] ──────┘
 
 The lower half runs on a sub-batch (each request's tail) with its own attention metadata;
-its KV writes land in the same cache slots a full forward would use. When nothing can be
-reused, the stock forward runs unchanged; so it always does where that forward is a compiled
-graph (the drafter then saves no states: see `LayerSkipProposer.reuse_exit_states`).
+its KV writes land in the same cache slots a full forward would use. Where the target is
+compiled, both halves are too (the drafter's `lower_layers` / `upper_layers`). When nothing
+can be reused (prefill-only steps, no drafts), the stock forward runs unchanged.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from typing_extensions import override
 
 from ._vllm import get_forward_context, layerskip_settings, platform_worker_class, replace_metadata
-from .adaptive import DraftSwitch
+from .adaptive import DRAFTING_MODES, DraftingMode, DraftSwitch
 from .exit_states import ReusePlan
 from .proposer import LayerSkipProposer, compiled_graph_count
 from .rejection import LayerSkipRejectionSampler, with_seeded_rows
@@ -35,15 +36,16 @@ class LayerSkipRunnerMixin:
         # subclass of it, so every isinstance check in the runner still holds.
         self.step_rows = StepRows()
         settings = layerskip_settings(self.vllm_config)
-        self.draft_switch = DraftSwitch() if settings.adaptive_drafting else None
+        self.draft_switch = DraftSwitch()
+        self.drafting: DraftingMode = "adaptive" if settings.adaptive_drafting else "always"
         self.drafter = LayerSkipProposer(self.vllm_config, self.device, self,
                                          rows=self.step_rows,
-                                         noise_sampler=self.sampler.topk_topp_sampler,
-                                         switch=self.draft_switch)
+                                         noise_sampler=self.sampler.topk_topp_sampler)
         self.rejection_sampler = LayerSkipRejectionSampler(
             self.sampler, self.speculative_config, self.device)
         self._layerskip_batch = None
 
+    @override
     def _update_states(self, scheduler_output):
         """The stock bookkeeping, then drop what we hold for requests that are gone."""
         result = super()._update_states(scheduler_output)
@@ -69,9 +71,32 @@ class LayerSkipRunnerMixin:
                  for row in generators}
         return SeededRows(seeds, next_positions)
 
+    @override
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, aux_hidden_states,
+                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+        """The switch decides first, so a step without drafts also skips vLLM's draft
+        bookkeeping (next-token and input preparation for the drafter)."""
+        batch = self.input_batch.num_reqs
+        decode_only = common_attn_metadata.max_query_len <= self.num_spec_tokens + 1
+        drafting = {"always": True, "off": False}.get(self.drafting)
+        if drafting is None:  # adaptive
+            drafting = self.draft_switch.step(batch, decode_only)
+        if not drafting:
+            return self.drafter.skip_round(batch)
+        return super().propose_draft_token_ids(
+            scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+            sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+            common_attn_metadata, slot_mappings)
+
+    @override
     def _sample(self, logits, spec_decode_metadata):
-        """Seeded requests draw the token at position n from `position_key(seed, n)`, not
-        from a stream whose use depends on the batch (see sampling.py)."""
+        """A step in which no request has drafts samples as plain vLLM does (vLLM sends
+        every step of a speculative engine through the rejection sampler). Seeded requests
+        draw the token at position n from `position_key(seed, n)`, not from a stream whose
+        use depends on the batch (see sampling.py)."""
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+            spec_decode_metadata = None
         seeded = self._seeded_rows()
         self.step_rows.req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
         self.step_rows.seeded = seeded
@@ -80,20 +105,28 @@ class LayerSkipRunnerMixin:
             if spec_decode_metadata is not None:
                 spec_decode_metadata = with_seeded_rows(spec_decode_metadata, seeded)
         output = super()._sample(logits, spec_decode_metadata)
-        if self.draft_switch is not None:
+        if self.drafting == "adaptive":
             self.draft_switch.tokens_generated(int((output.sampled_token_ids >= 0).sum()))
         return output
 
+    def set_drafting(self, mode: DraftingMode) -> None:
+        if mode not in DRAFTING_MODES:
+            raise ValueError(f"drafting mode must be one of {', '.join(DRAFTING_MODES)}, got {mode!r}")
+        if mode != self.drafting:
+            self.draft_switch.restart()  # its open step, if any, spans the change: not timed
+        self.drafting = mode
+
+    @override
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, batch = super()._build_attention_metadata(*args, **kwargs)
         self._layerskip_batch = batch  # the target batch's CommonAttentionMetadata
         return attn_metadata, batch
 
+    @override
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs):
         batch, self._layerskip_batch = self._layerskip_batch, None
         plan = None
-        # A compiled target verifies with its stock forward: no states to plan with.
         reuse = self.drafter.reuse_exit_states
         if reuse and batch is not None and input_ids is not None and inputs_embeds is None:
             query_start_loc = batch.query_start_loc_cpu[: batch.num_reqs + 1].tolist()
@@ -118,11 +151,15 @@ class LayerSkipRunnerMixin:
         return self._forward_from_exit_states(plan, batch, input_ids, positions)
 
     def _forward_from_exit_states(self, plan: ReusePlan, batch, input_ids, positions):
-        model = self.drafter.model
-        lower_names = self.drafter._draft_attn_layer_names
+        drafter = self.drafter
+        lower_names = drafter.draft_layer_names
         context = get_forward_context()
         index = plan.lower_index
-        lower_positions = positions[index]
+        # Inputs as the compiled halves were traced with (int64 ids, tensors made in
+        # inference mode; the runner's buffers are int32 and not): a guard miss would
+        # recompile in the middle of serving.
+        positions = positions.clone()
+        lower_ids, lower_positions = input_ids[index].to(torch.int64), positions[index]
 
         # Attention metadata of the sub-batch: each request keeps its sequence length
         # and block table, its query shrinks to the tail that runs layers < E.
@@ -139,13 +176,13 @@ class LayerSkipRunnerMixin:
             slot_mapping=slots,
             positions=lower_positions,
         )
-        _, lower_metadata = self.drafter.build_per_group_and_layer_attn_metadata(sub_batch)
+        _, lower_metadata = drafter.build_per_group_and_layer_attn_metadata(sub_batch)
 
         full_metadata, full_slots = context.attn_metadata, context.slot_mapping
         context.attn_metadata = {**full_metadata, **lower_metadata}
         context.slot_mapping = {**full_slots, **{name: slots for name in lower_names}}
         try:
-            lower_hidden, lower_residual = model.lower_layers(input_ids[index], lower_positions)
+            lower_hidden, lower_residual = drafter.lower_layers(lower_ids, lower_positions)
         finally:
             context.attn_metadata, context.slot_mapping = full_metadata, full_slots
 
@@ -155,7 +192,7 @@ class LayerSkipRunnerMixin:
         hidden[index], residual[index] = lower_hidden, lower_residual
         hidden[plan.reuse_index] = plan.reuse_hidden.to(hidden.dtype)
         residual[plan.reuse_index] = plan.reuse_residual.to(residual.dtype)
-        return model.upper_layers(positions, hidden, residual)
+        return drafter.upper_layers(positions, hidden, residual)
 
 
 @functools.cache
@@ -164,6 +201,7 @@ def _runner_class(base: type) -> type:
 
 
 class LayerSkipWorker(platform_worker_class()):
+    @override
     def init_device(self) -> None:
         super().init_device()
         runner = self.model_runner
@@ -178,9 +216,16 @@ class LayerSkipWorker(platform_worker_class()):
         stats["live_request_states"] = self.model_runner.live_request_states()
         # Compilations after start-up: each one stalls every request for seconds.
         stats["graphs_compiled_while_serving"] = compiled_graph_count() - drafter.graphs_at_warmup
-        if self.model_runner.draft_switch is not None:
-            stats["seconds_per_token_by_batch_bucket"] = self.model_runner.draft_switch.summary()
+        stats["drafting"] = self.model_runner.drafting
+        stats["seconds_per_token_by_batch_bucket"] = self.model_runner.draft_switch.summary()
         return stats
+
+    def layerskip_set_drafting(self, mode: str) -> str:
+        """Switch drafting at run time, no restart (LLM.collective_rpc or the dev route
+        /collective_rpc): "adaptive" (the switch decides per batch-size bucket), "always",
+        or "off" (every step takes vLLM's non-speculative sampling path). Returns the mode."""
+        self.model_runner.set_drafting(mode)
+        return mode
 
     def layerskip_weight_sharing(self) -> dict:
         """How many draft parameters are the target's own parameter objects (all of them)."""

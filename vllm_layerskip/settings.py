@@ -22,6 +22,8 @@ SUPPORTED_ARCHITECTURES = (
 
 # Where the training module stores its recommendation inside config.json.
 METADATA_KEY = "layerskip"
+# Inside it: token ids by frequency in the training data, most frequent first.
+DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 class LayerSkipConfigError(ValueError):
@@ -35,6 +37,10 @@ class LayerSkipSettings:
     adaptive_drafting: bool = True  # per batch size, draft only where it measures faster
     # A request stops drafting after a token whose draft probability is below this; 0 = off.
     draft_confidence_threshold: float = 0.0
+    # The draft's LM head covers the N most frequent token ids only; 0 = the full vocabulary.
+    draft_vocab_size: int = 0
+    # Verification runs layers >= E only for drafted tokens whose layer-E state was saved.
+    verify_from_exit_states: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +62,7 @@ def resolve(
     metadata: Mapping[str, Any] | None,
     allowed_fields: Iterable[str],
     pipeline_parallel_size: int = 1,
+    tensor_parallel_size: int = 1,
 ) -> tuple[LayerSkipSettings, dict[str, Any]]:
     """Check the user's dict; return the settings and the fields to pass on to vLLM.
 
@@ -107,11 +114,10 @@ def resolve(
             f"layerskip needs pipeline_parallel_size=1, got {pipeline_parallel_size}: {where}"
         )
 
-    adaptive = rest.pop("adaptive_drafting", True)
-    if not isinstance(adaptive, bool):
-        raise LayerSkipConfigError(
-            f"speculative_config.adaptive_drafting must be true or false, got {adaptive!r}"
-        )
+    adaptive, reuse = (rest.pop(name, True) for name in ("adaptive_drafting", "verify_from_exit_states"))
+    for name, value in (("adaptive_drafting", adaptive), ("verify_from_exit_states", reuse)):
+        if not isinstance(value, bool):
+            raise LayerSkipConfigError(f"speculative_config.{name} must be true or false, got {value!r}")
 
     threshold = rest.pop("draft_confidence_threshold", 0.0)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
@@ -120,13 +126,28 @@ def resolve(
             f"(0 = off), got {threshold!r}"
         )
 
+    vocab_size = _as_int("draft_vocab_size", rest.pop("draft_vocab_size", 0))
+    ranking = metadata.get(DRAFT_VOCAB_KEY) or []
+    if vocab_size < 0:
+        raise LayerSkipConfigError(
+            f"speculative_config.draft_vocab_size must be >= 0 (0 = full vocabulary), got {vocab_size}")
+    if vocab_size and len(ranking) < vocab_size:
+        raise LayerSkipConfigError(
+            f"speculative_config.draft_vocab_size={vocab_size} needs a ranking of at least that "
+            f"many token ids in config.json's '{METADATA_KEY}.{DRAFT_VOCAB_KEY}' (it has "
+            f"{len(ranking)}); write one with: python -m training.token_ranking --model DIR --data PATH")
+    if vocab_size and tensor_parallel_size > 1:
+        raise LayerSkipConfigError(
+            f"speculative_config.draft_vocab_size needs tensor_parallel_size=1 (the LM head is "
+            f"split by vocabulary across ranks), got {tensor_parallel_size}")
+
     allowed = set(allowed_fields)
     unknown = sorted(set(rest) - allowed)
     if unknown:
         raise LayerSkipConfigError(
             f"speculative_config has unknown field(s) {', '.join(unknown)} for method "
             f"'layerskip'; allowed: exit_layer, num_speculative_tokens, adaptive_drafting, "
-            f"draft_confidence_threshold, "
+            f"draft_confidence_threshold, draft_vocab_size, verify_from_exit_states, "
             f"{', '.join(sorted(allowed))}"
         )
-    return LayerSkipSettings(exit_layer, draft_len, adaptive, float(threshold)), rest
+    return LayerSkipSettings(exit_layer, draft_len, adaptive, float(threshold), vocab_size, reuse), rest
