@@ -234,7 +234,7 @@ class LayerSkipProposer(DraftModelProposer):
                 per_layer,
                 self.vllm_config,
                 num_tokens=batch,
-                slot_mapping={name: slots for name in self._draft_attn_layer_names},
+                slot_mapping={name: slots for name in self.draft_layer_names},
             ):
                 hidden, residual = self.lower_layers(tokens, positions)
             inputs.append(tokens)
