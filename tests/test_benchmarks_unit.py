@@ -137,3 +137,31 @@ def test_readme_section_is_generated_between_markers(tiny, tmp_path):
     assert "| layerskip | code | 1 |" in text and "4 layers" in text
     assert "decoder layers 67%" in text and "docs/per-exit.png" in text
     assert (tmp_path / "docs" / "per-exit.png").exists()
+
+
+def test_overhead_summary_from_synthetic_rounds():
+    """Ratios come from the runs as defined: within each round, then the median."""
+    from benchmarks.overhead import summarise, to_markdown
+
+    k, b, n = 2, 4, 101  # K, batch, new tokens per request
+    plain = [{"seconds": 1.0}, {"seconds": 1.2}, {"seconds": 1.0}]
+    # 50 verification rounds per request -> a = (n - 1) / 50 = 2 tokens per round.
+    always = lambda s, d: {"seconds": s, "draft_seconds": d, "draft_steps": 100,  # noqa: E731
+                           "draft_tokens": b * 50 * k, "reused_tokens": 0}
+    runs = {"vllm": plain,
+            "layerskip/off": [{"seconds": 1.0}, {"seconds": 1.25}, {"seconds": 1.1}],
+            "layerskip/always": [always(0.8, 0.2)] * 3,
+            "layerskip-stock-verify/always": [always(1.0, 0.2)] * 3}
+    row = summarise(runs, b, k, n)
+    assert row["forced_off_ratio"] == pytest.approx(0.96)  # median of 1.0, 0.96, 0.909
+    assert row["split_accepted_length"] == pytest.approx(2.0)
+    plain_step = 1.0 / n  # median round
+    assert row["split_draft_cost"] == pytest.approx(0.2 / 100 / plain_step)
+    assert row["split_verify_cost"] == pytest.approx(0.6 / 50 / plain_step)
+    assert row["stock_verify_cost"] > row["split_verify_cost"]
+    assert row["split_speedup"] == pytest.approx(1.0 / 0.8)
+    c = row["split_draft_cost"]
+    assert row["split_of_ideal"] == pytest.approx(1.25 / (2.0 / (k * c + 1)))
+    assert "| 4 |" in to_markdown({"model": "m", "exit_layer": 1, "k": k, "dtype": "bf16",
+                                   "enforce_eager": False, "max_tokens": n, "rounds": 3,
+                                   "machine": "cpu"}, [row])

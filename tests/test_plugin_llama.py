@@ -113,6 +113,17 @@ def test_verification_reuses_exit_states(spec, prompts):
     assert delta["mismatches"] == 0
 
 
+def test_drafts_reach_the_scheduler_with_the_step_output(spec, prompts):
+    """The engine core never sends the stock second message for the drafts
+    (take_draft_token_ids); they arrive with the sampled tokens and are still scheduled."""
+    (before,) = spec.collective_rpc("layerskip_stats")
+    generate(spec, prompts[:3], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    (after,) = spec.collective_rpc("layerskip_stats")
+    assert after["draft_tokens"] > before["draft_tokens"]
+    assert after["reused_tokens"] > before["reused_tokens"]  # drafts were verified
+    assert after["engine_draft_fetches"] == 0
+
+
 def test_draft_never_re_runs_processed_tokens(spec, prompts):
     """No re-prefill: per round the draft runs K tokens per request, whatever the prompt length."""
     (before,) = spec.collective_rpc("layerskip_stats")

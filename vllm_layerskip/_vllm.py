@@ -29,6 +29,15 @@ Patched at plugin load (`install()`, called from the `vllm.general_plugins` entr
   `input_batch.generators` (the discarded token is then drawn from the global generator
   and the request's own stream is untouched: nothing to rewind), and put them back after.
   Reads `input_batch.num_reqs` and `discard_request_mask.np`.
+- `vllm.v1.engine.core.EngineCore.post_step` and
+  `vllm.v1.core.sched.scheduler.Scheduler.update_from_output`, in LayerSkip engines: after
+  every step of a speculative engine, the stock engine core asks the worker for the step's
+  draft tokens in a second message (`take_draft_token_ids`) and hands them to
+  `Scheduler.update_draft_token_ids`. On a 2-core CPU that round trip is ~0.4 ms, 5% of a
+  small model's batch-1 step, paid whether or not the step drafted. Our worker attaches the
+  same `DraftTokenIds` to the step's `ModelRunnerOutput` (attribute `layerskip_drafts`, see
+  `DRAFTS_ATTR`), `update_from_output` applies them where `post_step` would have, and
+  `post_step` asks nothing. The output is pickled whole, so the attribute travels with it.
 
 Subclassed or called (see proposer.py and runner.py, which import them from here):
 - `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`) and its base
@@ -88,6 +97,7 @@ from vllm.v1.sample.rejection_sampler import (
 )
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
 from . import settings
@@ -232,6 +242,25 @@ def apply_top_k_top_p(logits, k, p):
     return _stock_apply_top_k_top_p(logits, k, p)
 
 
+# The step's draft tokens, attached to its ModelRunnerOutput by our worker.
+DRAFTS_ATTR = "layerskip_drafts"
+
+
+def _update_from_output(original, self, scheduler_output, model_runner_output):
+    """The stock update, then the drafts that rode with the output (as post_step would)."""
+    outputs = original(self, scheduler_output, model_runner_output)
+    drafts = getattr(model_runner_output, DRAFTS_ATTR, None)
+    if drafts is not None:
+        self.update_draft_token_ids(drafts)
+    return outputs
+
+
+def _post_step(original, self, model_executed):
+    if layerskip_settings(self.vllm_config) is None:
+        return original(self, model_executed)
+    # The drafts came with the step's output (_update_from_output): nothing to fetch.
+
+
 def _sample_tokens(original, self, *args, **kwargs):
     generators = self.input_batch.generators
     if not generators:
@@ -267,6 +296,11 @@ INTERNALS: dict[str, tuple[str, ...]] = {
     "vllm.v1.sample.ops.topk_topp_sampler.TopKTopPSampler.forward_cpu":
         ("self", "logits", "generators", "k", "p"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": ("self", "grammar_output"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.take_draft_token_ids": ("self",),
+    "vllm.v1.engine.core.EngineCore.post_step": ("self", "model_executed"),
+    "vllm.v1.core.sched.scheduler.Scheduler.update_from_output":
+        ("self", "scheduler_output", "model_runner_output"),
+    "vllm.v1.core.sched.scheduler.Scheduler.update_draft_token_ids": ("self", "draft_token_ids"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample":
         ("self", "logits", "spec_decode_metadata"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states": ("self", "scheduler_output"),
@@ -308,6 +342,11 @@ def install() -> None:
 
     _wrap(EngineArgs, "create_speculative_config", _create_speculative_config)
     _wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", _v2_unsupported)
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+
+    _wrap(Scheduler, "update_from_output", _update_from_output)
+    _wrap(EngineCore, "post_step", _post_step)
     if current_platform.is_cpu():
         from vllm.v1.sample import rejection_sampler
 
@@ -322,4 +361,4 @@ def replace_metadata(cm: CommonAttentionMetadata, **changes: Any) -> CommonAtten
     return dataclasses.replace(cm, **changes)
 
 
-__all__ += ["PASS_THROUGH_FIELDS", "SpeculativeConfig", "replace_metadata"]
+__all__ += ["DRAFTS_ATTR", "ModelRunnerOutput", "PASS_THROUGH_FIELDS", "SpeculativeConfig", "replace_metadata"]

@@ -80,6 +80,14 @@ class ExitStates:
             if not self.saved.rows:
                 self.saved = None
 
+    def holds_states(self) -> bool:
+        return self.saved is not None
+
+    def count_full_pass(self, num_tokens: int, exit_layer: int) -> None:
+        """A target pass with nothing to reuse (no plan was made)."""
+        self.stats.scheduled_tokens += num_tokens
+        self._full(num_tokens, exit_layer)
+
     def live_requests(self) -> int:
         """Requests whose states are held (for leak checks)."""
         return len(self.saved.rows) if self.saved is not None else 0

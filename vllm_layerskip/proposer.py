@@ -37,7 +37,7 @@ from ._vllm import (
 )
 from .draft_head import DraftHead
 from .exit_states import ExitStates
-from .sampling import NoiseSampler, StepRows, keyed_generators, sample_draft
+from .sampling import NoiseSampler, StepState, keyed_generators, sample_draft
 
 
 def compiled_graph_count() -> int:
@@ -89,7 +89,7 @@ class EarlyExitModel(nn.Module):
 
 
 class LayerSkipProposer(DraftModelProposer):
-    def __init__(self, vllm_config, device, runner, rows: StepRows, noise_sampler: NoiseSampler):
+    def __init__(self, vllm_config, device, runner, step: StepState, noise_sampler: NoiseSampler):
         super().__init__(vllm_config, device, runner=runner)
         chosen = layerskip_settings(vllm_config)
         assert chosen is not None, "LayerSkipProposer built without layerskip settings"
@@ -97,7 +97,7 @@ class LayerSkipProposer(DraftModelProposer):
         self.exit_states = ExitStates()
         # The runner's: which request and seed each draft row belongs to, and the target
         # sampler's noise step.
-        self.rows = rows
+        self.step = step
         self.noise_sampler = noise_sampler
         self.confidence_threshold = chosen.draft_confidence_threshold
         # Save the layer-E states of the drafted tokens, so that verification runs only
@@ -161,7 +161,7 @@ class LayerSkipProposer(DraftModelProposer):
             if not self.confidence_threshold:
                 return tokens, None, None
             return tokens, None, logits.softmax(-1, dtype=torch.float32).amax(-1)
-        seeded = self.rows.seeded
+        seeded = self.step.seeded
         generators = (keyed_generators(seeded.seeds, positions.tolist(), positions.device)
                       if seeded else {})
         tokens, probs = sample_draft(logits, sampling_metadata, generators, self.noise_sampler)
@@ -262,7 +262,7 @@ class LayerSkipProposer(DraftModelProposer):
         # Keep the layer-E states for the verification pass of the next step.
         if self.reuse_exit_states:
             self.exit_states.save(
-                req_ids=self.rows.req_ids[:batch],
+                req_ids=self.step.req_ids[:batch],
                 start_positions=start,
                 tokens=torch.stack(inputs, dim=1),  # [B, K]
                 hidden=torch.stack(hiddens, dim=1),  # [B, K, d]

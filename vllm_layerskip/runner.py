@@ -20,12 +20,19 @@ import functools
 import torch
 from typing_extensions import override
 
-from ._vllm import get_forward_context, layerskip_settings, platform_worker_class, replace_metadata
+from ._vllm import (
+    DRAFTS_ATTR,
+    ModelRunnerOutput,
+    get_forward_context,
+    layerskip_settings,
+    platform_worker_class,
+    replace_metadata,
+)
 from .adaptive import DRAFTING_MODES, DraftingMode, DraftSwitch
 from .exit_states import ReusePlan
 from .proposer import LayerSkipProposer, compiled_graph_count
 from .rejection import LayerSkipRejectionSampler, with_seeded_rows
-from .sampling import SeededRows, StepRows, reseed
+from .sampling import SeededRows, StepState, reseed
 
 
 class LayerSkipRunnerMixin:
@@ -34,16 +41,16 @@ class LayerSkipRunnerMixin:
     def enable_layerskip(self) -> None:
         # The stock runner built a DraftModelProposer for method "draft_model"; ours is a
         # subclass of it, so every isinstance check in the runner still holds.
-        self.step_rows = StepRows()
+        self.step = StepState()
         settings = layerskip_settings(self.vllm_config)
         self.draft_switch = DraftSwitch()
         self.drafting: DraftingMode = "adaptive" if settings.adaptive_drafting else "always"
         self.drafter = LayerSkipProposer(self.vllm_config, self.device, self,
-                                         rows=self.step_rows,
+                                         step=self.step,
                                          noise_sampler=self.sampler.topk_topp_sampler)
         self.rejection_sampler = LayerSkipRejectionSampler(
             self.sampler, self.speculative_config, self.device)
-        self._layerskip_batch = None
+        self.engine_draft_fetches = 0  # take_draft_token_ids calls from the engine core
 
     @override
     def _update_states(self, scheduler_output):
@@ -51,14 +58,14 @@ class LayerSkipRunnerMixin:
         result = super()._update_states(scheduler_output)
         self.drafter.exit_states.forget(scheduler_output.finished_req_ids)
         if self.input_batch.num_reqs == 0:
-            self.step_rows.req_ids, self.step_rows.seeded = [], None
+            self.step.req_ids, self.step.seeded = [], None
         return result
 
     def live_request_states(self) -> int:
         """Requests some LayerSkip state of this worker still refers to."""
-        rows = self.step_rows
-        return (self.drafter.exit_states.live_requests() + len(rows.req_ids)
-                + (len(rows.seeded.seeds) if rows.seeded else 0))
+        step = self.step
+        return (self.drafter.exit_states.live_requests() + len(step.req_ids)
+                + (len(step.seeded.seeds) if step.seeded else 0))
 
     def _seeded_rows(self) -> SeededRows | None:
         generators = self.input_batch.generators  # row -> generator, seeded requests only
@@ -98,8 +105,8 @@ class LayerSkipRunnerMixin:
         if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
             spec_decode_metadata = None
         seeded = self._seeded_rows()
-        self.step_rows.req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
-        self.step_rows.seeded = seeded
+        self.step.req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
+        self.step.seeded = seeded
         if seeded is not None:
             reseed(self.input_batch.generators, seeded.seeds, seeded.next_positions)
             if spec_decode_metadata is not None:
@@ -108,6 +115,20 @@ class LayerSkipRunnerMixin:
         if self.drafting == "adaptive":
             self.draft_switch.tokens_generated(int((output.sampled_token_ids >= 0).sum()))
         return output
+
+    @override
+    def sample_tokens(self, grammar_output):
+        """The stock step, with its draft tokens attached to the output it returns, so the
+        engine core needs no second message to fetch them (_vllm.py, DRAFTS_ATTR)."""
+        output = super().sample_tokens(grammar_output)
+        if isinstance(output, ModelRunnerOutput):  # not the async-scheduling output
+            setattr(output, DRAFTS_ATTR, super().take_draft_token_ids())
+        return output
+
+    @override
+    def take_draft_token_ids(self):
+        self.engine_draft_fetches += 1  # a LayerSkip engine core should never ask
+        return super().take_draft_token_ids()
 
     def set_drafting(self, mode: DraftingMode) -> None:
         if mode not in DRAFTING_MODES:
@@ -119,27 +140,28 @@ class LayerSkipRunnerMixin:
     @override
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, batch = super()._build_attention_metadata(*args, **kwargs)
-        self._layerskip_batch = batch  # the target batch's CommonAttentionMetadata
+        self.step.target_batch = batch
         return attn_metadata, batch
 
     @override
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs):
-        batch, self._layerskip_batch = self._layerskip_batch, None
-        plan = None
-        reuse = self.drafter.reuse_exit_states
-        if reuse and batch is not None and input_ids is not None and inputs_embeds is None:
-            query_start_loc = batch.query_start_loc_cpu[: batch.num_reqs + 1].tolist()
-            if query_start_loc[-1] == input_ids.shape[0] and not model_kwargs:
-                plan = self.drafter.exit_states.plan(
+        batch = self.step.take_target_batch()
+        exit_states, plan = self.drafter.exit_states, None
+        if batch is not None and input_ids is not None and inputs_embeds is None and not model_kwargs:
+            num_tokens = int(batch.query_start_loc_cpu[batch.num_reqs])
+            if not exit_states.holds_states():  # nothing drafted last step: nothing to plan
+                exit_states.count_full_pass(num_tokens, self.drafter.exit_layer)
+            elif num_tokens == input_ids.shape[0]:
+                plan = exit_states.plan(
                     list(self.input_batch.req_ids[: batch.num_reqs]),
-                    query_start_loc,
+                    batch.query_start_loc_cpu[: batch.num_reqs + 1].tolist(),
                     input_ids,
                     positions,
                     self.drafter.exit_layer,
                 )
-            else:
-                self.drafter.exit_states.clear()
+        if plan is None:
+            exit_states.clear()  # states live for one step, used or not
         if plan is None or not isinstance(get_forward_context().attn_metadata, dict):
             return super()._model_forward(
                 input_ids=input_ids,
@@ -214,6 +236,7 @@ class LayerSkipWorker(platform_worker_class()):
         stats = drafter.exit_states.stats.as_dict()
         stats["compiled_draft"] = drafter.compiled_draft
         stats["live_request_states"] = self.model_runner.live_request_states()
+        stats["engine_draft_fetches"] = self.model_runner.engine_draft_fetches
         # Compilations after start-up: each one stalls every request for seconds.
         stats["graphs_compiled_while_serving"] = compiled_graph_count() - drafter.graphs_at_warmup
         stats["drafting"] = self.model_runner.drafting

@@ -28,6 +28,7 @@ vLLM's rejection sampler, so requests without a seed keep vLLM's.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -51,12 +52,19 @@ class SeededRows:
 
 
 @dataclass
-class StepRows:
-    """The rows of the step being sampled and drafted. The runner owns it and sets it
-    before sampling; the drafter reads it."""
+class StepState:
+    """What the hooks of one engine step share. The runner owns it; each field is set by
+    the hook that learns it and read by the hooks that run later in the same step."""
 
+    # Set when attention metadata is built; read by the verification forward.
+    target_batch: Any = None  # the batch's CommonAttentionMetadata
+    # Set before sampling; read by the drafter: which request and seed each row belongs to.
     req_ids: list[str] = field(default_factory=list)
     seeded: SeededRows | None = None
+
+    def take_target_batch(self) -> Any:
+        batch, self.target_batch = self.target_batch, None
+        return batch
 
 
 def position_key(seed: int, position: int) -> int:

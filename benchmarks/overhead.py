@@ -1,0 +1,178 @@
+"""What the engine costs around the method, measured side by side in one process.
+
+    python -m benchmarks.overhead --model DIR [--exit-layer E] [--num-speculative-tokens K]
+        [--batch-sizes 1,8,32] [--rounds 5] [--max-tokens 128] [--json OUT] [--md OUT]
+
+Three engines, started once, run the same greedy code prompts in alternating rounds (so a
+slow minute of a shared machine hits them all alike):
+
+- ``vllm``: plain vLLM;
+- ``layerskip``: drafting switched ``off`` at run time (what a configured but idle
+  LayerSkip costs: the forced-off ratio), then ``always`` (drafting every step);
+- ``layerskip-stock-verify``: drafting ``always``, but verification runs the stock forward
+  over all layers (``verify_from_exit_states=False``).
+
+Per batch size it reports the forced-off ratio, both drafting speedups, and the split of a
+drafting step: the draft loop's share (the worker's own clock) and the verification pass
+against a plain decode step, with and without the layer-E states reused. From the same
+numbers, the zero-overhead ideal a / (K c + 1) (benchmarks/ideal.py) and the share of it
+reached. The mean accepted length a is the tokens each request got per verification:
+b (new tokens - 1) over the request-rounds drafted (draft tokens / K).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from benchmarks.ideal import ideal_speedup
+from benchmarks.prompts import load_prompts
+from benchmarks.systems import resolve_spec
+from benchmarks.throughput import machine_info
+
+ENGINES = {  # name -> (LayerSkip settings or None, drafting modes timed)
+    "vllm": (None, [None]),
+    "layerskip": ({"verify_from_exit_states": True}, ["off", "always"]),
+    "layerskip-stock-verify": ({"verify_from_exit_states": False}, ["always"]),
+}
+
+
+def start(model: str, e: int, k: int, layerskip: dict | None, max_batch: int, dtype: str,
+          enforce_eager: bool):
+    from vllm import LLM
+
+    kw = dict(model=model, dtype=dtype, max_model_len=1024, max_num_seqs=max_batch, seed=0,
+              enforce_eager=enforce_eager, kv_cache_memory_bytes=1 << 30)
+    if layerskip is not None:
+        kw["speculative_config"] = {"method": "layerskip", "exit_layer": e,
+                                    "num_speculative_tokens": k, "adaptive_drafting": False,
+                                    **layerskip}
+    return LLM(**kw)
+
+
+def timed_run(llm, prompts, params, mode: str | None) -> dict:
+    if mode is not None:
+        llm.collective_rpc("layerskip_set_drafting", args=(mode,))
+        (before,) = llm.collective_rpc("layerskip_stats")
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    out = {"seconds": time.perf_counter() - t0}
+    if mode is not None:
+        (after,) = llm.collective_rpc("layerskip_stats")
+        for key in ("draft_seconds", "draft_steps", "draft_tokens", "reused_tokens"):
+            out[key] = after[key] - before[key]
+    return out
+
+
+def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
+    """Medians over rounds of the ratios that matter (each ratio taken within a round)."""
+    med = lambda f: statistics.median(f(r) for r in range(len(runs["vllm"])))  # noqa: E731
+    plain = lambda r: runs["vllm"][r]["seconds"]  # noqa: E731
+    plain_step = lambda r: plain(r) / max_tokens  # noqa: E731
+    row = {"batch_size": b, "plain_tokens_per_s": med(lambda r: b * max_tokens / plain(r)),
+           "forced_off_ratio": med(lambda r: plain(r) / runs["layerskip/off"][r]["seconds"])}
+    for name, key in (("split", "layerskip/always"), ("stock", "layerskip-stock-verify/always")):
+        run = runs[key]
+        verify_steps = lambda r: run[r]["draft_steps"] / k  # noqa: E731
+        verify_cost = lambda r: ((run[r]["seconds"] - run[r]["draft_seconds"])  # noqa: E731
+                                 / verify_steps(r) / plain_step(r))
+        row[f"{name}_speedup"] = med(lambda r: plain(r) / run[r]["seconds"])
+        row[f"{name}_verify_cost"] = med(verify_cost)
+        row[f"{name}_draft_cost"] = med(
+            lambda r: run[r]["draft_seconds"] / run[r]["draft_steps"] / plain_step(r))
+        # Tokens per request and verification: each drafting request ran K draft tokens.
+        row[f"{name}_accepted_length"] = med(
+            lambda r: b * (max_tokens - 1) / (run[r]["draft_tokens"] / k))
+        ideal = ideal_speedup(row[f"{name}_accepted_length"], k, row[f"{name}_draft_cost"])
+        row[f"{name}_ideal"] = ideal
+        row[f"{name}_of_ideal"] = row[f"{name}_speedup"] / ideal
+    return row
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"Model `{meta['model']}`, exit_layer {meta['exit_layer']}, K {meta['k']}, "
+             f"{meta['dtype']}, {'eager' if meta['enforce_eager'] else 'compiled'}, greedy code "
+             f"prompts, {meta['max_tokens']} new tokens, median of {meta['rounds']} interleaved "
+             f"rounds; {meta['machine']}.", "",
+             "| batch | plain tok/s | forced off | drafting (split verify) | verify cost split | "
+             "verify cost stock | draft step cost | accepted len | ideal | of ideal | "
+             "drafting (stock verify) | of ideal (stock) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['batch_size']} | {r['plain_tokens_per_s']:.1f} | {r['forced_off_ratio']:.3f}x "
+            f"| {r['split_speedup']:.3f}x | {r['split_verify_cost']:.2f} | "
+            f"{r['stock_verify_cost']:.2f} | {r['split_draft_cost']:.2f} | "
+            f"{r['split_accepted_length']:.2f} | {r['split_ideal']:.3f}x | "
+            f"{100 * r['split_of_ideal']:.0f}% | {r['stock_speedup']:.3f}x | "
+            f"{100 * r['stock_of_ideal']:.0f}% |")
+    lines += ["", "Verify cost: wall time of a drafting step minus its draft loop, over a plain "
+              "decode step. Draft step cost: one draft forward (E layers + head) over a plain step."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--exit-layer", type=int)
+    p.add_argument("--num-speculative-tokens", type=int)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--md", type=Path)
+    args = p.parse_args(argv)
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    from vllm import SamplingParams
+
+    e, k = resolve_spec(args.model, args.exit_layer, args.num_speculative_tokens)
+    batches = [int(x) for x in args.batch_sizes.split(",")]
+    prompts = load_prompts("code", max(batches))
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                            min_tokens=args.max_tokens, ignore_eos=True)
+    engines = {name: start(args.model, e, k, ls, max(batches), args.dtype, args.enforce_eager)
+               for name, (ls, _) in ENGINES.items()}
+    rows = []
+    try:
+        for b in batches:
+            batch = prompts[:b]
+            runs: dict[str, list] = {}
+            for name, llm in engines.items():  # warm-up: new batch shapes, lazy set-up
+                for mode in ENGINES[name][1]:
+                    timed_run(llm, batch, params, mode)
+            for _ in tqdm(range(args.rounds), desc=f"batch {b}"):
+                for name, llm in engines.items():
+                    for mode in ENGINES[name][1]:
+                        key = name if mode is None else f"{name}/{mode}"
+                        runs.setdefault(key, []).append(timed_run(llm, batch, params, mode))
+            rows.append(summarise(runs, b, k, args.max_tokens))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for llm in engines.values():
+            llm.llm_engine.engine_core.shutdown()
+    machine = machine_info()
+    meta = {"model": args.model, "exit_layer": e, "k": k, "dtype": args.dtype,
+            "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "machine": f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"}
+    md = to_markdown(meta, rows)
+    print(md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
