@@ -56,22 +56,35 @@ def throughput_chart(rows: list[dict], path) -> Path:
     return Path(path)
 
 
+def point_label(point: dict) -> str:
+    """'E7', or 'E7 v8192 t0.5' where a grid point sets the extra settings."""
+    label = f"E{point['exit_layer']}"
+    if point.get("draft_vocab_size"):
+        label += f" v{point['draft_vocab_size']}"
+    if point.get("draft_confidence_threshold"):
+        label += f" t{point['draft_confidence_threshold']:g}"
+    return label
+
+
 def sweep_heatmap(grid: list[dict], path, title: str = "") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    es = sorted({g["exit_layer"] for g in grid})
+    # Rows: exit layer (with the vocabulary subset / threshold where swept); columns: K.
+    es = list(dict.fromkeys(point_label(g) for g in sorted(
+        grid, key=lambda g: (g["exit_layer"], g.get("draft_vocab_size", 0),
+                             g.get("draft_confidence_threshold", 0.0)))))
     ks = sorted({g["num_speculative_tokens"] for g in grid})
-    val = {(g["exit_layer"], g["num_speculative_tokens"]): g.get("speedup") for g in grid}
+    val = {(point_label(g), g["num_speculative_tokens"]): g.get("speedup") for g in grid}
     data = [[val.get((e, k)) if val.get((e, k)) is not None else float("nan") for k in ks]
             for e in es]
     fig, ax = plt.subplots(figsize=(1.2 * len(ks) + 2.5, 0.8 * len(es) + 2))
     im = ax.imshow(data, cmap="viridis", aspect="auto", origin="lower")
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
-    ax.set_yticks(range(len(es)), [str(e) for e in es])
+    ax.set_yticks(range(len(es)), es)
     ax.set_xlabel("num_speculative_tokens (K)")
-    ax.set_ylabel("exit_layer (E)")
+    ax.set_ylabel("exit_layer E (v: draft_vocab_size, t: confidence threshold)")
     for i, row in enumerate(data):
         for j, v in enumerate(row):
             ax.text(j, i, "fail" if v != v else f"{v:.2f}x", ha="center", va="center",
@@ -85,10 +98,12 @@ def sweep_heatmap(grid: list[dict], path, title: str = "") -> Path:
 
 
 def sweep_table(grid: list[dict]) -> str:
-    lines = ["| exit_layer | K | tokens/s | speedup | acceptance | mean accepted len |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| exit_layer | K | draft vocab | threshold | tokens/s | speedup | acceptance | "
+             "mean accepted len |", "|---|---|---|---|---|---|---|---|"]
     for g in grid:
         lines.append(f"| {g['exit_layer']} | {g['num_speculative_tokens']} | "
+                     f"{g.get('draft_vocab_size') or 'full'} | "
+                     f"{g.get('draft_confidence_threshold') or '-'} | "
                      f"{_fmt(g.get('tokens_per_s'), '{:.1f}')} | {_fmt(g.get('speedup'), '{:.2f}x')} | "
                      f"{_fmt(g.get('acceptance_rate'), '{:.0%}')} | "
                      f"{_fmt(g.get('mean_accepted_length'))} |")

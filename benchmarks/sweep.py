@@ -1,7 +1,8 @@
-"""Sweep LayerSkip's exit_layer x num_speculative_tokens and name the fastest setting.
+"""Sweep LayerSkip's exit_layer x num_speculative_tokens (and optionally the draft head's
+vocabulary subset and the confidence threshold) and name the fastest setting.
 
     python -m benchmarks.sweep --model DIR [--exit-layers 2,3,4] [--num-speculative-tokens 2,3,4,6]
-        [--batch-size 1] [--write]
+        [--draft-vocab-sizes 0,8192] [--confidence-thresholds 0,0.5] [--batch-size 1] [--write]
 
 Plain vLLM runs once as the reference; every grid point is one LayerSkip engine on the same
 prompts (greedy, code prompts by default). Writes a JSON, a Markdown table and a heatmap PNG;
@@ -15,12 +16,28 @@ import sys
 from pathlib import Path
 
 from benchmarks import report
+from benchmarks.report import point_label
 from benchmarks.prompts import PROMPT_SETS
 from benchmarks.runner import WorkerError, default_work_dir, run_worker
 from benchmarks.systems import num_layers, write_truncated_copy
 from benchmarks.throughput import _int_list, add_engine_args, check_common, make_cells, vllm_spec
 
 SWEEP_SYSTEMS = ("layerskip", "vllm-draft-truncated")
+# Grid dimensions beyond (E, K): LayerSkip setting -> the value that means "off".
+EXTRA_SETTINGS = {"draft_vocab_size": 0, "draft_confidence_threshold": 0.0}
+
+
+def _number_list(flag, kind, low, high):
+    def parse(text):
+        try:
+            vals = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            vals = []
+        if not vals or any(not low <= v <= high for v in vals):
+            raise argparse.ArgumentTypeError(
+                f"{flag}: comma-separated numbers in [{low}, {high}], got {text!r}")
+        return vals
+    return parse
 
 
 def default_exit_layers(L: int) -> list[int]:
@@ -35,6 +52,11 @@ def build_parser():
                     help="default: about L/6, L/4, L/3, L/2")
     ap.add_argument("--num-speculative-tokens", type=_int_list("--num-speculative-tokens"),
                     default=[2, 3, 4, 6])
+    ap.add_argument("--draft-vocab-sizes", type=_number_list("--draft-vocab-sizes", int, 0, 1 << 24),
+                    default=[0], help="draft head over the N most frequent ids; 0 = full (default)")
+    ap.add_argument("--confidence-thresholds",
+                    type=_number_list("--confidence-thresholds", float, 0.0, 0.99), default=[0.0],
+                    help="stop a request's draft below this probability; 0 = fixed K (default)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--prompt-set", choices=PROMPT_SETS, default="code")
@@ -63,7 +85,12 @@ def main(argv=None) -> int:
     work = Path(args.work_dir) if args.work_dir else default_work_dir(Path(args.model).name)
     model = Path(args.model).resolve()
     cells = make_cells(args, [args.batch_size], [args.temperature], [args.prompt_set])
-    grid_pts = [(e, k) for e in exits for k in args.num_speculative_tokens]
+    grid_pts = [(e, k, {"draft_vocab_size": v, "draft_confidence_threshold": t})
+                for e in exits for k in args.num_speculative_tokens
+                for v in args.draft_vocab_sizes for t in args.confidence_thresholds]
+    if args.system != "layerskip" and len(grid_pts) > len(exits) * len(args.num_speculative_tokens):
+        raise SystemExit("--draft-vocab-sizes / --confidence-thresholds are LayerSkip settings: "
+                         "use them with --system layerskip")
     grid, errors = [], []
     with tqdm(total=len(grid_pts) + 1, desc="sweep", unit="engine") as bar:
         bar.set_postfix_str("vllm")
@@ -73,15 +100,17 @@ def main(argv=None) -> int:
         except WorkerError as err:
             raise SystemExit(f"plain vLLM failed, nothing to compare against:\n{err}")
         bar.update()
-        for e, k in grid_pts:
-            bar.set_postfix_str(f"E={e} K={k}")
+        for e, k, extra in grid_pts:
+            point = {"exit_layer": e, "num_speculative_tokens": k, **extra}
+            name = point_label(point).replace(" ", "-").lower() + f"-k{k}"
+            bar.set_postfix_str(f"{point_label(point)} K={k}")
             trunc = (write_truncated_copy(model, e, work / f"truncated-e{e}")
                      if args.system == "vllm-draft-truncated" else None)
-            point = {"exit_layer": e, "num_speculative_tokens": k}
+            settings = {key: v for key, v in extra.items() if v != EXTRA_SETTINGS[key]}
             try:
                 c = run_worker(vllm_spec(args, args.system, model, cells, e, k, trunc,
-                                         args.batch_size), work, f"sweep-e{e}-k{k}",
-                               args.timeout)["cells"][0]
+                                         args.batch_size, settings or None), work,
+                               f"sweep-{name}", args.timeout)["cells"][0]
                 point.update(tokens_per_s=round(c["tokens_per_s"], 2),
                              speedup=round(c["tokens_per_s"] / base["tokens_per_s"], 3),
                              acceptance_rate=c["acceptance_rate"],
@@ -89,7 +118,7 @@ def main(argv=None) -> int:
             except WorkerError as err:
                 point["error"] = str(err).splitlines()[0]
                 errors.append(point)
-                bar.write(f"E={e} K={k}: FAILED\n{err}")
+                bar.write(f"{point_label(point)} K={k}: FAILED\n{err}")
             grid.append(point)
             bar.update()
     done = [g for g in grid if g.get("speedup") is not None]
@@ -98,7 +127,8 @@ def main(argv=None) -> int:
            "batch_size": args.batch_size, "temperature": args.temperature,
            "prompt_set": args.prompt_set, "max_tokens": args.max_tokens, "dtype": args.dtype,
            "num_layers": L, "grid": grid,
-           "best": {k: best[k] for k in ("exit_layer", "num_speculative_tokens", "speedup")}
+           "best": {k: best[k] for k in ("exit_layer", "num_speculative_tokens", *EXTRA_SETTINGS,
+                                         "speedup")}
            if best else None}
     json_path = Path(args.json) if args.json else work / "sweep.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +150,8 @@ def main(argv=None) -> int:
 
         write_layerskip_metadata(model, {"exit_layer": best["exit_layer"],
                                          "num_speculative_tokens": best["num_speculative_tokens"],
+                                         **{key: best[key] for key in EXTRA_SETTINGS
+                                            if best[key] != EXTRA_SETTINGS[key]},
                                          "sweep": {"speedup": best["speedup"],
                                                    "batch_size": args.batch_size,
                                                    "temperature": args.temperature}})

@@ -107,8 +107,10 @@ def write_truncated_copy(model_dir, exit_layer: int, out_dir) -> Path:
 def vllm_engine_kwargs(system: str, model_dir, exit_layer: int, k: int, *, dtype: str,
                        max_model_len: int, max_num_seqs: int, truncated_dir=None,
                        enforce_eager: bool = False, seed: int = 0,
-                       kv_cache_gib: float = 1.0, adaptive_drafting: bool = True) -> dict:
-    """`vllm.LLM(**kwargs)` for one system.
+                       kv_cache_gib: float = 1.0, adaptive_drafting: bool = True,
+                       layerskip_settings: dict | None = None) -> dict:
+    """`vllm.LLM(**kwargs)` for one system (``layerskip_settings``: further LayerSkip
+    settings, such as draft_vocab_size or draft_confidence_threshold).
 
     The KV cache size is fixed (``kv_cache_gib``) rather than a fraction of memory, so every
     system gets the same cache and start-up does not depend on what else runs on the machine.
@@ -129,7 +131,8 @@ def vllm_engine_kwargs(system: str, model_dir, exit_layer: int, k: int, *, dtype
     elif system in ("layerskip", "layerskip-off"):
         kw["speculative_config"] = {"method": "layerskip", "exit_layer": exit_layer,
                                     "num_speculative_tokens": k,
-                                    "adaptive_drafting": adaptive_drafting}
+                                    "adaptive_drafting": adaptive_drafting,
+                                    **(layerskip_settings or {})}
     else:
         raise ValueError(f"not a vLLM system: {system}")
     return kw

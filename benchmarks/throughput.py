@@ -117,12 +117,14 @@ def make_cells(args, batch_sizes, temperatures, prompt_sets, keep_texts=False) -
     return cells
 
 
-def vllm_spec(args, system, model, cells, e, k, truncated, max_num_seqs) -> dict:
+def vllm_spec(args, system, model, cells, e, k, truncated, max_num_seqs,
+              layerskip_settings: dict | None = None) -> dict:
     engine = vllm_engine_kwargs(system, model, e, k, dtype=args.dtype,
                                 max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
                                 truncated_dir=truncated, enforce_eager=args.enforce_eager,
                                 seed=args.seed, kv_cache_gib=args.kv_cache_gib,
-                                adaptive_drafting=not args.fixed_drafting)
+                                adaptive_drafting=not args.fixed_drafting,
+                                layerskip_settings=layerskip_settings)
     return {"kind": "vllm", "engine": engine, "drafting": drafting_mode(system),
             "cells": cells, "max_tokens": args.max_tokens,
             "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,

@@ -91,6 +91,10 @@ def test_report_renders(tmp_path):
     grid = [{"exit_layer": e, "num_speculative_tokens": k, "speedup": 1.0 + e / 10 + k / 100}
             for e in (1, 2) for k in (2, 3)]
     assert report.sweep_heatmap(grid, tmp_path / "h.png").stat().st_size > 0
+    subset = [dict(g, draft_vocab_size=256, draft_confidence_threshold=0.5) for g in grid]
+    assert report.point_label(subset[0]) == "E1 v256 t0.5"
+    assert report.sweep_heatmap(grid + subset, tmp_path / "h2.png").stat().st_size > 0
+    assert "| 1 | 2 | 256 | 0.5 |" in report.sweep_table(subset)
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -29,7 +29,8 @@ def with_metadata(tiny_root, llama_dir):
     if not out.exists():
         shutil.copytree(llama_dir, out)
         config = json.loads((out / "config.json").read_text())
-        config["layerskip"] = {"exit_layer": 1, "num_speculative_tokens": 5, "recipe": {}}
+        config["layerskip"] = {"exit_layer": 1, "num_speculative_tokens": 5, "recipe": {},
+                               "draft_confidence_threshold": 0.25}
         (out / "config.json").write_text(json.dumps(config))
     return out
 
@@ -86,7 +87,7 @@ def test_metadata_supplies_defaults_and_explicit_values_win(with_metadata):
     config = engine_config(with_metadata, {"method": "layerskip"})
     assert config.additional_config["layerskip"] == {
         "exit_layer": 1, "num_speculative_tokens": 5, "adaptive_drafting": True,
-        "draft_confidence_threshold": 0.0, "draft_vocab_size": 0, "verify_from_exit_states": True}
+        "draft_confidence_threshold": 0.25, "draft_vocab_size": 0, "verify_from_exit_states": True}
     assert config.speculative_config.num_speculative_tokens == 5
     config = engine_config(with_metadata, {"method": "layerskip", "exit_layer": 3, "adaptive_drafting": False,
                                            "draft_confidence_threshold": 0.4})

@@ -67,8 +67,9 @@ def resolve(
     """Check the user's dict; return the settings and the fields to pass on to vLLM.
 
     `metadata` is the checkpoint's `config.json["layerskip"]` (written by training/):
-    it supplies exit_layer and num_speculative_tokens when the user leaves them out;
-    explicit values win. `allowed_fields` are the other SpeculativeConfig fields the
+    it supplies exit_layer, num_speculative_tokens, draft_confidence_threshold and
+    draft_vocab_size when the user leaves them out (benchmarks.sweep --write stores the
+    best); explicit values win. `allowed_fields` are the other SpeculativeConfig fields the
     user may set (draft sampling method, rejection-sampling options, ...).
     """
     rest = {k.replace("-", "_"): v for k, v in user.items() if k != "method"}
@@ -119,14 +120,15 @@ def resolve(
         if not isinstance(value, bool):
             raise LayerSkipConfigError(f"speculative_config.{name} must be true or false, got {value!r}")
 
-    threshold = rest.pop("draft_confidence_threshold", 0.0)
+    threshold = rest.pop("draft_confidence_threshold", metadata.get("draft_confidence_threshold", 0.0))
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
         raise LayerSkipConfigError(
             f"speculative_config.draft_confidence_threshold must be a number in [0, 1) "
             f"(0 = off), got {threshold!r}"
         )
 
-    vocab_size = _as_int("draft_vocab_size", rest.pop("draft_vocab_size", 0))
+    vocab_size = _as_int("draft_vocab_size",
+                         rest.pop("draft_vocab_size", metadata.get("draft_vocab_size", 0)))
     ranking = metadata.get(DRAFT_VOCAB_KEY) or []
     if vocab_size < 0:
         raise LayerSkipConfigError(
