@@ -13,7 +13,7 @@ from benchmarks.prompts import is_heldout
 from training import corpus, pretrain
 from training.cli import run_cli
 from training.corpus_files import select_files
-from training.data import pack
+from training.data import pack, pack_stream
 from training.errors import DataError
 from training.token_corpus import TOKENS_FILE, load_token_corpus, read_tokens
 
@@ -98,14 +98,10 @@ def test_corpus_round_trip(tree, tmp_path):
     assert m["vocab_size"] == len(tokenizer) == 300 and m["tokens"] == len(stream)
     texts = [tokenizer.decode(d) for d in documents(stream, tokenizer.eos_token_id)]
     assert sorted(texts) == sorted([tree["texts"][r] for r in tree["train"]] + tree["site_texts"])
-    # Same blocks as --data would pack from the same documents in the same order.
-    blocks = pretrain_blocks(stream, 32)
+    # The stream cut into blocks, the same blocks --data packs from these documents in this order.
+    blocks = pack_stream(stream, 32, "--tokens")  # [n, 32]
+    assert torch.equal(blocks.flatten(), stream[: blocks.numel()].long())
     assert torch.equal(blocks, pack(texts, tokenizer, 32))
-
-
-def pretrain_blocks(stream, seq_len):
-    from training.data import pack_stream
-    return pack_stream(stream, seq_len, "--tokens")
 
 
 def test_max_tokens_keeps_whole_documents(tree, tmp_path):
