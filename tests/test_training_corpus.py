@@ -110,6 +110,9 @@ def test_max_tokens_keeps_whole_documents(tree, tmp_path):
     assert 0 < capped["tokens"] <= full["tokens"] // 2 and capped["files"] < full["files"]
     tokenizer, stream = load_token_corpus(str(tmp_path / "capped"))
     assert len(documents(stream, tokenizer.eos_token_id)) == capped["files"]
+    # One token short of everything: the last site-packages file goes, the stdlib stays whole.
+    almost = build(tree, tmp_path / "almost", "--max-tokens", str(full["tokens"] - 1))
+    assert (almost["files"], almost["files_stdlib"], almost["cap_drops"]) == (4, 3, 1)
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -89,8 +89,8 @@ def tokenizer_sample(files: list[SourceFile], max_bytes: int) -> list[str]:
 
 
 def tokenize(files: list[SourceFile], tokenizer, max_tokens: int, progress: bool) -> list[np.ndarray]:
-    """Ids of each file in order ([n_i] uint16, EOS not included), stopping once
-    max_tokens (EOS included) are reached; fast tokenizer, batched."""
+    """Ids of the longest prefix of files in order ([n_i] uint16, EOS not included) whose
+    tokens, EOS included, fit max_tokens (0 = all); fast tokenizer, batched."""
     backend = tokenizer.backend_tokenizer
     out: list[np.ndarray] = []
     total = 0
@@ -98,12 +98,11 @@ def tokenize(files: list[SourceFile], tokenizer, max_tokens: int, progress: bool
     for start in range(0, len(files), BATCH_DOCS):
         batch = [f.text for f in files[start:start + BATCH_DOCS]]
         for enc in backend.encode_batch(batch, add_special_tokens=False):
-            out.append(np.asarray(enc.ids, dtype=np.uint16))
             total += len(enc.ids) + 1
-            if max_tokens and total >= max_tokens:
-                bar.update(len(out) - bar.n)
+            if max_tokens and total > max_tokens:  # the cap falls in this document: stop before it
                 bar.close()
                 return out
+            out.append(np.asarray(enc.ids, dtype=np.uint16))
         bar.update(len(batch))
     bar.close()
     return out
@@ -159,8 +158,6 @@ def build(args: argparse.Namespace) -> dict:
     by_hash = {f.sha256: d for f, d in zip(used, docs)}
     used = stream_order(used)
     stream, ends = join_stream([by_hash[f.sha256] for f in used], tokenizer.eos_token_id)
-    if args.max_tokens:
-        stream = stream[: cut_at_document(ends, args.max_tokens)]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))

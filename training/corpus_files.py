@@ -126,6 +126,10 @@ def select_files(stdlib: Path, sites: Iterable[Path]) -> Selection:
         if data is None:
             sel.filtered_drops += 1
             continue
+        text = looks_usable(data)  # first: copies of held-out stubs count as filtered
+        if text is None:
+            sel.filtered_drops += 1
+            continue
         digest = sha256_bytes(data)
         if digest in banned:
             sel.heldout_drops += 1
@@ -133,10 +137,6 @@ def select_files(stdlib: Path, sites: Iterable[Path]) -> Selection:
             continue
         if digest in seen:
             sel.duplicate_drops += 1
-            continue
-        text = looks_usable(data)
-        if text is None:
-            sel.filtered_drops += 1
             continue
         seen.add(digest)
         sel.files.append(SourceFile(path, origin, digest, text))
