@@ -75,11 +75,17 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
         stream.extend(ids)
         if eos is not None:
             stream.append(eos)
+    return pack_stream(torch.tensor(stream, dtype=torch.long), seq_len, "--data")
+
+
+def pack_stream(stream: torch.Tensor, seq_len: int, flag: str) -> torch.Tensor:
+    """[N] ids (documents already joined with EOS) -> [n, seq_len] int64 blocks, tail
+    dropped: the same packing for --data and for a pre-tokenized --tokens corpus."""
     n = len(stream) // seq_len
     if n < 2:
-        raise DataError(f"--data: only {len(stream)} tokens, need at least {2 * seq_len} "
+        raise DataError(f"{flag}: only {len(stream)} tokens, need at least {2 * seq_len} "
                         f"for --seq-len {seq_len} (training plus held-out)")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [n, s]
+    return stream[: n * seq_len].long().view(n, seq_len)  # [n, s]
 
 
 def split_heldout(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_model_dir(args.model)  # fail before anything else on a bad --model
 
-    def make_model(texts, resume_from):
+    def make_model(corpus, resume_from):
         # On resume the weights come from the checkpoint; the base model gives the
         # architecture and tokenizer.
         model, tokenizer = load_model(args.model)

@@ -2,9 +2,12 @@
 
     python -m training.pretrain --data PATH... --output DIR --layers N --hidden-size D \\
         --vocab-size V --steps N --seq-len T --batch-size B --seed S [recipe flags]
+    python -m training.pretrain --tokens CORPUS_DIR --output DIR --layers N ... (no --vocab-size)
 
-A byte-level BPE tokenizer with V entries is first trained on the data. The default
-preset is `pretraining` (time-scaled layer dropout, rotational early-exit curriculum)."""
+With --data, a byte-level BPE tokenizer with V entries is first trained on the data; with
+--tokens (the output of python -m training.corpus) the corpus's tokenizer and ids are used
+as they are. The default preset is `pretraining` (time-scaled layer dropout, rotational
+early-exit curriculum)."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("architecture (Llama)")
     g.add_argument("--layers", type=int, required=True, metavar="N")
     g.add_argument("--hidden-size", type=int, required=True, metavar="D")
-    g.add_argument("--vocab-size", type=int, required=True, metavar="V")
+    g.add_argument("--vocab-size", type=int, metavar="V",
+                   help="tokenizer entries; required with --data, taken from the corpus with --tokens")
     g.add_argument("--heads", type=int, help="attention heads (default: D // 64, at least 1)")
     g.add_argument("--intermediate-size", type=int, help="MLP width (default: 4 * D)")
     g.add_argument("--max-position-embeddings", type=int, default=2048)
@@ -45,7 +49,9 @@ def _check_architecture(args) -> int:
         raise ConfigError(f"--hidden-size must be a positive multiple of --heads ({heads}), got {args.hidden_size}")
     if (args.hidden_size // heads) % 2:
         raise ConfigError("--hidden-size / --heads must be even (rotary embeddings)")
-    if args.vocab_size < MIN_VOCAB:
+    if args.vocab_size is None and not args.tokens:
+        raise ConfigError("--vocab-size is required with --data")
+    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB:
         raise ConfigError(f"--vocab-size must be >= {MIN_VOCAB}, got {args.vocab_size}")
     if args.max_position_embeddings < args.seq_len:
         raise ConfigError("--max-position-embeddings must be >= --seq-len")
@@ -56,13 +62,19 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     heads = _check_architecture(args)
 
-    def make_model(texts, resume_from):
+    def make_model(corpus, resume_from):
         if resume_from is not None:  # same tokenizer and architecture as the interrupted run
             tokenizer = AutoTokenizer.from_pretrained(resume_from)
             model = LlamaForCausalLM(LlamaConfig.from_pretrained(resume_from))
         else:
-            tokenizer = train_bpe_tokenizer(texts, args.vocab_size)
-            model = build_llama(tokenizer, args.layers, args.hidden_size, args.vocab_size, heads,
+            if corpus.tokenizer is None:
+                tokenizer, vocab = train_bpe_tokenizer(corpus.texts, args.vocab_size), args.vocab_size
+            else:
+                tokenizer, vocab = corpus.tokenizer, len(corpus.tokenizer)
+                if args.vocab_size not in (None, vocab):
+                    raise ConfigError(f"--vocab-size {args.vocab_size} differs from the --tokens "
+                                      f"tokenizer's {vocab} entries (leave --vocab-size out)")
+            model = build_llama(tokenizer, args.layers, args.hidden_size, vocab, heads,
                                 args.intermediate_size or 4 * args.hidden_size,
                                 args.max_position_embeddings, args.tie_embeddings)
         return model, tokenizer, {"mode": "pretrain"}

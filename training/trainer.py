@@ -69,8 +69,11 @@ class TrainConfig:
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="files, directories (.py .txt .md .rst .jsonl) or globs")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", nargs="+", metavar="PATH",
+                     help="files, directories (.py .txt .md .rst .jsonl) or globs")
+    src.add_argument("--tokens", metavar="DIR",
+                     help="a pre-tokenized corpus (python -m training.corpus): its tokenizer and ids")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--steps", type=int, required=True, metavar="N", help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per micro-batch per process")
