@@ -78,11 +78,16 @@ def test_no_dropout_in_eval_and_full_keep_is_identity():
     assert torch.equal(a, b)
 
 
-def test_early_exit_loss_only_for_enabled_exits():
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_early_exit_loss_only_for_enabled_exits(chunk, monkeypatch):
+    import training.early_exit_loss as eel
     model = tiny()
-    skipper = LayerSkipLM(model)
-    heads = []
+    skipper = LayerSkipLM(model, loss_chunk=chunk)
+    heads = []  # LM-head read-outs: the head module unchunked, the fused linear + CE chunked
     model.lm_head.register_forward_hook(lambda m, i, o: heads.append(1))
+    fused = eel.linear_cross_entropy
+    monkeypatch.setattr(eel, "linear_cross_entropy",
+                        lambda *a, **k: heads.append(1) or fused(*a, **k))
     ids = torch.randint(0, 128, (2, 8))
     loss = skipper(ids, None, [0.0, 0.25, 0.0, 0.75])
     assert len(heads) == 2 and sorted(skipper.last_exit_losses) == [1, 3]

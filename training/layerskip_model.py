@@ -12,6 +12,8 @@ from .early_exit_loss import early_exit_loss
 from .layer_dropout import LayerDropout
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# Tokens per chunk of the LM-head cross entropy: [1024, V] float32 logits at a time.
+DEFAULT_LOSS_CHUNK = 1024
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -19,9 +21,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class LayerSkipLM(nn.Module):
-    def __init__(self, model: nn.Module, always_call_layers: bool = False):
+    def __init__(self, model: nn.Module, always_call_layers: bool = False,
+                 loss_chunk: int = DEFAULT_LOSS_CHUNK):
         super().__init__()
         self.model = model
+        self.loss_chunk = loss_chunk  # tokens per LM-head chunk of the loss; 0 = unchunked
         self.dropout = LayerDropout(decoder_layers(model), always_call=always_call_layers)
         self.last_exit_losses: dict[int, float] = {}
 
@@ -54,7 +58,7 @@ class LayerSkipLM(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        final_logits = self.model.lm_head(out.last_hidden_state)  # [b, s, V]
         loss, self.last_exit_losses = early_exit_loss(
-            self.model, captured, final_logits, input_ids, exit_weights)
+            self.model, captured, out.last_hidden_state, input_ids, exit_weights,
+            self.loss_chunk)
         return loss

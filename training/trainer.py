@@ -22,7 +22,7 @@ from .distributed import DistEnv, all_reduce_mean, barrier, wrap
 from .errors import ConfigError
 from .evaluate import per_exit_stats
 from .layer_dropout import sample_keep_mask
-from .layerskip_model import LayerSkipLM
+from .layerskip_model import DEFAULT_LOSS_CHUNK, LayerSkipLM
 from .metadata import write_layerskip_metadata
 from .token_ranking import DRAFT_VOCAB_KEY, rank_tokens
 from .recipe import Recipe, step_plan
@@ -50,6 +50,7 @@ class TrainConfig:
     overwrite: bool = False
     heldout_fraction: float = 0.05
     calibration_blocks: int = 64
+    loss_chunk: int = DEFAULT_LOSS_CHUNK  # tokens per LM-head loss chunk; 0 = unchunked
     stop_after: int = 0        # testing aid: stop after this step as if interrupted
     progress: bool = True
 
@@ -58,7 +59,8 @@ class TrainConfig:
                                  ("--seq-len", self.seq_len, 2), ("--grad-accum", self.grad_accum, 1),
                                  ("--warmup-steps", self.warmup_steps, 0),
                                  ("--save-every", self.save_every, 0),
-                                 ("--keep-checkpoints", self.keep_checkpoints, 1)):
+                                 ("--keep-checkpoints", self.keep_checkpoints, 1),
+                                 ("--loss-chunk", self.loss_chunk, 0)):
             if value < low:
                 raise ConfigError(f"{flag} must be >= {low}, got {value}")
         if self.lr <= 0:
@@ -94,6 +96,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP under torchrun")
     p.add_argument("--heldout-fraction", type=float, default=0.05, help="tail of the data kept for calibration")
     p.add_argument("--calibration-blocks", type=int, default=64)
+    p.add_argument("--loss-chunk", type=int, default=DEFAULT_LOSS_CHUNK, metavar="N",
+                   help="tokens per chunk of the LM-head cross entropy, so [N, vocab] logits "
+                        "are the most held at once; 0 = one unchunked pass (same loss, "
+                        f"more memory and time; default {DEFAULT_LOSS_CHUNK})")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -107,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         keep_checkpoints=args.keep_checkpoints, bf16=args.bf16, fsdp=args.fsdp,
         resume=args.resume, overwrite=args.overwrite, heldout_fraction=args.heldout_fraction,
         calibration_blocks=args.calibration_blocks, stop_after=args.stop_after,
+        loss_chunk=args.loss_chunk,
         progress=not args.no_progress).validate()
 
 
@@ -118,6 +125,13 @@ def use_bf16(requested: bool | None, device: torch.device) -> bool:
     if requested is None:
         return supported
     return requested
+
+
+def make_optimizer(params, lr: float, weight_decay: float, fused: bool = True):
+    """AdamW. fused=True runs the whole update as one kernel per parameter group instead
+    of ~6 elementwise passes per tensor (same update up to float rounding); FSDP keeps the
+    plain implementation, whose sharded parameters the fused kernel may not take."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def _dropout_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -136,9 +150,11 @@ def _full_state(wrapped, optimizer):
 def train(hf_model, tokenizer, train_blocks: torch.Tensor, heldout: torch.Tensor,
           recipe: Recipe, cfg: TrainConfig, env: DistEnv, extra_meta: dict) -> None:
     hf_model.to(env.device)
-    skipper = LayerSkipLM(hf_model, always_call_layers=cfg.fsdp and env.enabled)
+    skipper = LayerSkipLM(hf_model, always_call_layers=cfg.fsdp and env.enabled,
+                          loss_chunk=cfg.loss_chunk)
     model = wrap(skipper, env, cfg.fsdp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay,
+                               fused=not (cfg.fsdp and env.enabled))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio))
     num_layers = skipper.num_layers
