@@ -3,8 +3,8 @@
     python -m benchmarks.overhead --model DIR [--exit-layer E] [--num-speculative-tokens K]
         [--batch-sizes 1,8,32] [--rounds 5] [--max-tokens 128] [--json OUT] [--md OUT]
 
-Three engines, started once, run the same greedy code prompts in alternating rounds (so a
-slow minute of a shared machine hits them all alike):
+Three engines, started once, each in its own process, run the same greedy code prompts in
+alternating rounds (so a slow minute of a shared machine hits them all alike):
 
 - ``vllm``: plain vLLM;
 - ``layerskip``: drafting switched ``off`` at run time (what a configured but idle
@@ -17,12 +17,18 @@ drafting step: the draft loop's share (the worker's own clock) and the verificat
 against a plain decode step, with and without the layer-E states reused. From the same
 numbers, the zero-overhead ideal a / (K c + 1) (benchmarks/ideal.py) and the share of it
 reached. The mean accepted length a is the tokens each request got per verification:
-b (new tokens - 1) over the request-rounds drafted (draft tokens / K).
+b (new tokens - 1) over the verifications (draft tokens / K, less each request's last
+round, whose drafts are never verified).
+
+One process per engine, not several `LLM`s in one: measured on the 2-core Xeon, of three
+identical plain engines in one process the first ran at 80 tokens/s and the third at 105
+(batch 1), so engines sharing a front-end process are not comparable.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -55,6 +61,12 @@ def start(model: str, e: int, k: int, layerskip: dict | None, max_batch: int, dt
     return LLM(**kw)
 
 
+# vLLM's workers busy-poll their message queue for a second after their last request
+# (shm_broadcast's busy_loop_s): on 2 cores an engine that has just finished would take a
+# core from the next one. Each timed run waits that out first.
+QUIET_S = 1.5
+
+
 def timed_run(llm, prompts, params, mode: str | None) -> dict:
     if mode is not None:
         llm.collective_rpc("layerskip_set_drafting", args=(mode,))
@@ -67,6 +79,50 @@ def timed_run(llm, prompts, params, mode: str | None) -> dict:
         for key in ("draft_seconds", "draft_steps", "draft_tokens", "reused_tokens"):
             out[key] = after[key] - before[key]
     return out
+
+
+def serve(conn, engine_args: tuple, max_tokens: int) -> None:
+    """Engine process: start one engine, then time (batch size, drafting mode) requests
+    sent over `conn` until it receives None."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    from vllm import SamplingParams
+
+    llm = start(*engine_args)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens,
+                            ignore_eos=True)
+    prompts = load_prompts("code", engine_args[4])
+    conn.send("ready")
+    try:
+        while (request := conn.recv()) is not None:
+            batch, mode = request
+            conn.send(timed_run(llm, prompts[:batch], params, mode))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+class EngineProcess:
+    def __init__(self, engine_args: tuple, max_tokens: int):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        # Not a daemon: the engine starts processes of its own.
+        self.process = context.Process(target=serve, args=(child, engine_args, max_tokens))
+        self.process.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("engine process failed to start")
+
+    def run(self, batch: int, mode: str | None) -> dict:
+        time.sleep(QUIET_S)
+        self.conn.send((batch, mode))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
 
 
 def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
@@ -85,9 +141,10 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
         row[f"{name}_verify_cost"] = med(verify_cost)
         row[f"{name}_draft_cost"] = med(
             lambda r: run[r]["draft_seconds"] / run[r]["draft_steps"] / plain_step(r))
-        # Tokens per request and verification: each drafting request ran K draft tokens.
+        # Tokens per request and verification. Each request drafted K tokens per round, and
+        # one round more than it had verifications (the drafts after its last token).
         row[f"{name}_accepted_length"] = med(
-            lambda r: b * (max_tokens - 1) / (run[r]["draft_tokens"] / k))
+            lambda r: b * (max_tokens - 1) / (run[r]["draft_tokens"] / k - b))
         ideal = ideal_speedup(row[f"{name}_accepted_length"], k, row[f"{name}_draft_cost"])
         row[f"{name}_ideal"] = ideal
         row[f"{name}_of_ideal"] = row[f"{name}_speedup"] / ideal
@@ -130,34 +187,29 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--md", type=Path)
     args = p.parse_args(argv)
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    from vllm import SamplingParams
-
     e, k = resolve_spec(args.model, args.exit_layer, args.num_speculative_tokens)
     batches = [int(x) for x in args.batch_sizes.split(",")]
-    prompts = load_prompts("code", max(batches))
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
-                            min_tokens=args.max_tokens, ignore_eos=True)
-    engines = {name: start(args.model, e, k, ls, max(batches), args.dtype, args.enforce_eager)
-               for name, (ls, _) in ENGINES.items()}
+    engines: dict[str, EngineProcess] = {}
     rows = []
     try:
+        for name, (layerskip, _) in tqdm(ENGINES.items(), desc="starting engines"):
+            engines[name] = EngineProcess((args.model, e, k, layerskip, max(batches), args.dtype,
+                                           args.enforce_eager), args.max_tokens)
         for b in batches:
-            batch = prompts[:b]
             runs: dict[str, list] = {}
-            for name, llm in engines.items():  # warm-up: new batch shapes, lazy set-up
+            for name, engine in engines.items():  # warm-up: new batch shapes, lazy set-up
                 for mode in ENGINES[name][1]:
-                    timed_run(llm, batch, params, mode)
+                    engine.run(b, mode)
             for _ in tqdm(range(args.rounds), desc=f"batch {b}"):
-                for name, llm in engines.items():
+                for name, engine in engines.items():
                     for mode in ENGINES[name][1]:
                         key = name if mode is None else f"{name}/{mode}"
-                        runs.setdefault(key, []).append(timed_run(llm, batch, params, mode))
+                        runs.setdefault(key, []).append(engine.run(b, mode))
             rows.append(summarise(runs, b, k, args.max_tokens))
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        for llm in engines.values():
-            llm.llm_engine.engine_core.shutdown()
+        for engine in engines.values():
+            engine.close()
     machine = machine_info()
     meta = {"model": args.model, "exit_layer": e, "k": k, "dtype": args.dtype,
             "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,

@@ -149,9 +149,9 @@ def test_overhead_summary_from_synthetic_rounds():
 
     k, b, n = 2, 4, 101  # K, batch, new tokens per request
     plain = [{"seconds": 1.0}, {"seconds": 1.2}, {"seconds": 1.0}]
-    # 50 verification rounds per request -> a = (n - 1) / 50 = 2 tokens per round.
+    # 50 verifications per request (51 draft rounds) -> a = (n - 1) / 50 = 2 tokens each.
     always = lambda s, d: {"seconds": s, "draft_seconds": d, "draft_steps": 100,  # noqa: E731
-                           "draft_tokens": b * 50 * k, "reused_tokens": 0}
+                           "draft_tokens": b * 51 * k, "reused_tokens": 0}
     runs = {"vllm": plain,
             "layerskip/off": [{"seconds": 1.0}, {"seconds": 1.25}, {"seconds": 1.1}],
             "layerskip/always": [always(0.8, 0.2)] * 3,
@@ -169,3 +169,15 @@ def test_overhead_summary_from_synthetic_rounds():
     assert "| 4 |" in to_markdown({"model": "m", "exit_layer": 1, "k": k, "dtype": "bf16",
                                    "enforce_eager": False, "max_tokens": n, "rounds": 3,
                                    "machine": "cpu"}, [row])
+
+
+def test_demo_uses_the_shipped_model_unless_told_otherwise(tmp_path):
+    from benchmarks.demo import DEMO_DIR, pick_model_dir
+    from benchmarks.tiny_model import build_tiny_model
+
+    shipped = tmp_path / "shipped"
+    assert pick_model_dir(None, False, shipped) == DEMO_DIR  # nothing shipped: build one
+    build_tiny_model(shipped, layers=2, hidden=64, vocab_size=512)
+    assert pick_model_dir(None, False, shipped) == shipped
+    assert pick_model_dir(None, True, shipped) == DEMO_DIR
+    assert pick_model_dir(str(tmp_path / "mine"), False, shipped) == tmp_path / "mine"

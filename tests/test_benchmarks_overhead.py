@@ -1,0 +1,26 @@
+"""Quick path of benchmarks.overhead: three engine processes on a tiny model, one round."""
+import json
+import subprocess
+import sys
+
+import pytest
+from benchmarks.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.engine
+
+
+def test_overhead_reports_every_ratio(tmp_path):
+    model = build_tiny_model(tmp_path / "tiny", layers=4, hidden=64, vocab_size=512)
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, "-m", "benchmarks.overhead", "--model", str(model), "--exit-layer", "2",
+           "--num-speculative-tokens", "2", "--batch-sizes", "2", "--rounds", "1",
+           "--max-tokens", "8", "--enforce-eager", "--json", str(out),
+           "--md", str(tmp_path / "overhead.md")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("forced_off_ratio", "split_speedup", "stock_speedup", "split_verify_cost",
+                "stock_verify_cost", "split_draft_cost", "split_of_ideal"):
+        assert row[key] > 0, key
+    assert 1.0 <= row["split_accepted_length"] <= 3.0  # K=2: at most K + 1 per verification
+    assert "| 2 |" in (tmp_path / "overhead.md").read_text()
