@@ -21,12 +21,7 @@ from training.layer_dropout import sample_keep_mask
 from training.layerskip_model import LayerSkipLM
 from training.models import load_model
 from training.recipe import PRESETS, step_plan
-from training.trainer import _dropout_generator, use_bf16
-
-try:  # the trainer's optimizer; absent before the speed-up (then plain AdamW)
-    from training.trainer import make_optimizer
-except ImportError:
-    make_optimizer = None
+from training.trainer import _dropout_generator, make_optimizer, single_step, use_bf16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,8 +54,7 @@ def main(argv=None) -> None:
     blocks = blocks.repeat((need + len(blocks) - 1) // len(blocks), 1)[:need]
     kwargs = {} if args.loss_chunk is None else {"loss_chunk": args.loss_chunk}
     model = LayerSkipLM(hf_model, **kwargs)
-    optimizer = (make_optimizer(model.parameters(), 1e-5, 0.0, fused=args.fused_adam)
-                 if make_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-5))
+    optimizer = make_optimizer(model.parameters(), 1e-5, 0.0, fused=args.fused_adam)
     recipe = PRESETS[args.preset]
     bf16 = use_bf16(args.bf16, torch.device("cpu"))
     hf_model.train()
@@ -71,13 +65,7 @@ def main(argv=None) -> None:
         keep = None
         if recipe.layer_dropout_max > 0:
             keep = sample_keep_mask(plan.drop_probs, len(ids), _dropout_generator(0, i, 0, 0))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(ids, keep, plan.exit_weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return single_step(model, optimizer, ids, keep, plan.exit_weights, bf16)
 
     for i in range(args.warmup):
         step(i)
@@ -99,7 +87,7 @@ def main(argv=None) -> None:
     per_step = sum(times) / len(times)
     result = {"model": args.model, "preset": args.preset, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "bf16": bf16, "loss_chunk": getattr(model, "loss_chunk", 0),
-              "fused_adam": bool(make_optimizer and args.fused_adam), "threads": torch.get_num_threads(),
+              "fused_adam": args.fused_adam, "threads": torch.get_num_threads(),
               "steps": args.steps, "s_per_step": round(per_step, 3),
               "tokens_per_s": round(tokens / per_step, 1),
               "step_times": [round(t, 3) for t in times], "losses": [round(l, 5) for l in losses],

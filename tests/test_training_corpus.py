@@ -200,3 +200,35 @@ def test_corpus_refuses_bad_flags(tree, tmp_path, capsys):
             run_cli(lambda: corpus.main(argv))
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err, err
+
+
+def test_dry_run_times_the_real_step(tree, tmp_path, capsys):
+    from training import dry_run
+
+    data = tmp_path / "corpus"
+    build(tree, data)
+    capsys.readouterr()
+    run_cli(lambda: dry_run.main(["--tokens", str(data), "--shape", "2x64x128",
+                                  "--batch-size", "2", "--seq-len", "16", "--steps", "2"]))
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert line["shape"] == "2x64x128" and line["tokens_per_s"] > 0
+    assert len(line["step_times"]) == 2
+    # Two layers of 4*64^2 attention + 3*64*128 MLP + norms, tied 300 x 64 embedding.
+    assert line["params"] == 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64 + 300 * 64
+
+
+def test_single_step_trains():
+    """The step the throughput tools time lowers the loss on a repeated batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.layerskip_model import LayerSkipLM
+    from training.trainer import make_optimizer, single_step
+
+    torch.manual_seed(0)
+    model = LayerSkipLM(LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2)).train())
+    opt = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, 64, (2, 12))
+    losses = [single_step(model, opt, ids, None, [0.0, 1.0], bf16=False) for _ in range(5)]
+    assert losses[-1] < losses[0]

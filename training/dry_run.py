@@ -27,7 +27,7 @@ from .layerskip_model import LayerSkipLM
 from .models import build_llama
 from .recipe import PRESETS, step_plan
 from .token_corpus import load_token_corpus
-from .trainer import use_bf16
+from .trainer import make_optimizer, single_step, use_bf16
 
 
 def parse_shape(spec: str) -> tuple[int, int, int]:
@@ -50,7 +50,7 @@ def time_shape(tokenizer, blocks: torch.Tensor, shape: tuple[int, int, int], arg
     model = build_llama(tokenizer, layers, hidden, len(tokenizer), hidden // 64, mlp,
                         max(2048, args.seq_len), tie_embeddings=True)
     skipper = LayerSkipLM(model.train())
-    opt = torch.optim.AdamW(skipper.parameters(), lr=3e-4)
+    opt = make_optimizer(skipper.parameters(), lr=3e-4, weight_decay=0.0)
     recipe = PRESETS[args.preset]
     bf16 = use_bf16(None, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
@@ -61,12 +61,7 @@ def time_shape(tokenizer, blocks: torch.Tensor, shape: tuple[int, int, int], arg
         ids = blocks[torch.randint(0, len(blocks), (args.batch_size,), generator=gen)]  # [b, s]
         keep = sample_keep_mask(plan.drop_probs, len(ids), gen) if recipe.layer_dropout_max > 0 else None
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = skipper(ids, keep, plan.exit_weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(skipper.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        single_step(skipper, opt, ids, keep, plan.exit_weights, bf16)
         if i:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)

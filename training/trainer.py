@@ -134,6 +134,20 @@ def make_optimizer(params, lr: float, weight_decay: float, fused: bool = True):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def single_step(model, optimizer, ids, keep, exit_weights, bf16: bool,
+                max_grad_norm: float = 1.0) -> float:
+    """One optimizer step on one micro-batch, as `train` takes it, without accumulation, LR
+    schedule or distribution: what throughput measurements of the real step call."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(ids, keep, exit_weights)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def _dropout_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """Layer-dropout randomness is a pure function of (seed, step, micro-batch, rank), so
     a resumed run draws exactly the masks the uninterrupted run would have."""
