@@ -38,6 +38,7 @@ Patched at plugin load (`install()`, called from the `vllm.general_plugins` entr
   same `DraftTokenIds` to the step's `ModelRunnerOutput` (attribute `layerskip_drafts`, see
   `DRAFTS_ATTR`), `update_from_output` applies them where `post_step` would have, and
   `post_step` asks nothing. The output is pickled whole, so the attribute travels with it.
+  (`EMPTY_MODEL_RUNNER_OUTPUT` is a shared instance: it never carries drafts.)
 
 Subclassed or called (see proposer.py and runner.py, which import them from here):
 - `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`) and its base
@@ -97,7 +98,7 @@ from vllm.v1.sample.rejection_sampler import (
 )
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
 from . import settings
@@ -361,4 +362,4 @@ def replace_metadata(cm: CommonAttentionMetadata, **changes: Any) -> CommonAtten
     return dataclasses.replace(cm, **changes)
 
 
-__all__ += ["DRAFTS_ATTR", "ModelRunnerOutput", "PASS_THROUGH_FIELDS", "SpeculativeConfig", "replace_metadata"]
+__all__ += ["DRAFTS_ATTR", "EMPTY_MODEL_RUNNER_OUTPUT", "ModelRunnerOutput", "PASS_THROUGH_FIELDS", "SpeculativeConfig", "replace_metadata"]

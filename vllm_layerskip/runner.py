@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from ._vllm import (
     DRAFTS_ATTR,
+    EMPTY_MODEL_RUNNER_OUTPUT,
     ModelRunnerOutput,
     get_forward_context,
     layerskip_settings,
@@ -121,7 +122,8 @@ class LayerSkipRunnerMixin:
         """The stock step, with its draft tokens attached to the output it returns, so the
         engine core needs no second message to fetch them (_vllm.py, DRAFTS_ATTR)."""
         output = super().sample_tokens(grammar_output)
-        if isinstance(output, ModelRunnerOutput):  # not the async-scheduling output
+        # Not the async-scheduling output, and never vLLM's shared empty instance.
+        if isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
             setattr(output, DRAFTS_ATTR, super().take_draft_token_ids())
         return output
 
