@@ -23,6 +23,11 @@ round, whose drafts are never verified).
 One process per engine, not several `LLM`s in one: measured on the 2-core Xeon, of three
 identical plain engines in one process the first ran at 80 tokens/s and the third at 105
 (batch 1), so engines sharing a front-end process are not comparable.
+
+Known bias, not yet removed: even with one process per engine, the engine created first ran
+20-30% slower than the others on the 2-core Xeon (plain vLLM at 86 tokens/s created first,
+137 created last, 147 alone). Until the rounds are order-balanced, compare figures only
+across runs with the creation order swapped.
 """
 from __future__ import annotations
 
