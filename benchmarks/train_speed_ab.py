@@ -12,15 +12,13 @@ import copy
 import json
 import time
 
-import torch
-
 from benchmarks.prompts import training_files
 from training.data import load_texts, pack
 from training.layer_dropout import sample_keep_mask
 from training.layerskip_model import DEFAULT_LOSS_CHUNK, LayerSkipLM
 from training.models import load_model
 from training.recipe import PRESETS, step_plan
-from training.trainer import _dropout_generator, make_optimizer
+from training.trainer import _dropout_generator, make_optimizer, single_step
 
 
 def main(argv=None) -> None:
@@ -46,15 +44,10 @@ def main(argv=None) -> None:
         keep = sample_keep_mask(plan.drop_probs, b, _dropout_generator(0, i, 0, 0))
         for name, (model, opt) in sides.items():
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(ids, keep, plan.exit_weights)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = single_step(model, opt, ids, keep, plan.exit_weights, bf16=True)
             if i:  # step 0 warms up
                 times[name].append(round(time.perf_counter() - t0, 2))
-                losses[name].append(round(float(loss.detach()), 5))
+                losses[name].append(round(loss, 5))
     tokens = b * args.seq_len
     out = {name: {"s_per_step": round(sum(t) / len(t), 2), "step_times": t,
                   "tokens_per_s": round(tokens * len(t) / sum(t), 1), "losses": losses[name]}

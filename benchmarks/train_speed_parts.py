@@ -16,23 +16,14 @@ import time
 
 import torch
 
-from training.chunked_ce import linear_cross_entropy
-from training.early_exit_loss import next_token_ce
+from training.early_exit_loss import head_ce
 from training.models import load_model
 from training.trainer import make_optimizer
 
 
-def head_loss(weight, norm, hiddens, ids, chunk):
-    """Sum of next-token CE over the given hidden states through the tied head."""
-    total = 0.0
-    for h in hiddens:  # [b, s, d]
-        normed = norm(h)
-        if chunk:
-            x = normed[:, :-1].reshape(-1, normed.shape[-1])
-            total = total + linear_cross_entropy(x, weight, ids[:, 1:].reshape(-1), chunk)
-        else:
-            total = total + next_token_ce(torch.nn.functional.linear(normed, weight), ids)
-    return total
+def head_loss(model, hiddens, ids, chunk):
+    """Sum of next-token CE over the given hidden states through the model's head."""
+    return sum(head_ce(model, model.model.norm(h), ids, chunk) for h in hiddens)
 
 
 def timed(fn) -> float:
@@ -51,7 +42,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     model, _ = load_model(args.model)
-    weight, norm = model.lm_head.weight, model.model.norm
+    weight = model.lm_head.weight
     torch.manual_seed(0)
     b, s, d = args.batch_size, args.seq_len, weight.shape[1]
     hiddens = [torch.randn(b, s, d, requires_grad=True) for _ in range(args.exits)]
@@ -60,7 +51,7 @@ def main(argv=None) -> None:
     def loss_step(chunk):
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = head_loss(weight, norm, hiddens, ids, chunk)
+                loss = head_loss(model, hiddens, ids, chunk)
             loss.backward()
             weight.grad = None
         return run
