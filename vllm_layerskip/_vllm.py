@@ -38,7 +38,9 @@ Patched at plugin load (`install()`, called from the `vllm.general_plugins` entr
   same `DraftTokenIds` to the step's `ModelRunnerOutput` (attribute `layerskip_drafts`, see
   `DRAFTS_ATTR`), `update_from_output` applies them where `post_step` would have, and
   `post_step` asks nothing. The output is pickled whole, so the attribute travels with it.
-  (`EMPTY_MODEL_RUNNER_OUTPUT` is a shared instance: it never carries drafts.)
+  (`EMPTY_MODEL_RUNNER_OUTPUT` is a shared instance: it never carries drafts.) In 0.32
+  `post_step` does nothing but that fetch, so LayerSkip engines skip it whole; recheck on a
+  version bump.
 
 Subclassed or called (see proposer.py and runner.py, which import them from here):
 - `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`) and its base
