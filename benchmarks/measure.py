@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.affinity import pin_engine_processes
+
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")
 
@@ -86,6 +88,7 @@ def run_vllm(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
+    pinning = pin_engine_processes()  # helpers off the worker's core: see benchmarks/affinity.py
     if spec.get("drafting"):
         llm.collective_rpc("layerskip_set_drafting", args=(spec["drafting"],))
     cache = llm.llm_engine.vllm_config.cache_config
@@ -130,7 +133,7 @@ def run_vllm(spec: dict) -> dict:
             texts[f'{cell["prompt_set"]}/{cell["temperature"]}/{b}'] = [
                 outs[j].text for j in range(len(prompts))]
     result = {"cells": cells, "kv_blocks": kv_blocks, "peak_memory_mb": peak_memory_mb(),
-              "startup_s": startup, "texts": texts}
+              "startup_s": startup, "texts": texts, "pinning": pinning}
     return result
 
 

@@ -24,10 +24,11 @@ One process per engine, not several `LLM`s in one: measured on the 2-core Xeon, 
 identical plain engines in one process the first ran at 80 tokens/s and the third at 105
 (batch 1), so engines sharing a front-end process are not comparable.
 
-Known bias, not yet removed: even with one process per engine, the engine created first ran
-20-30% slower than the others on the 2-core Xeon (plain vLLM at 86 tokens/s created first,
-137 created last, 147 alone). Until the rounds are order-balanced, compare figures only
-across runs with the creation order swapped.
+Each engine's helper processes are pinned off its worker's core (benchmarks/affinity.py):
+unpinned, the engine created first ran 20-30% slower than the same engine created last.
+A second plain engine, ``vllm-control``, runs in every round as a check on the method: its
+ratio to ``vllm`` should be 1.0 within noise; when it is not, no other ratio in the run
+can be trusted either.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks.affinity import pin_engine_processes
 from benchmarks.ideal import ideal_speedup
 from benchmarks.prompts import load_prompts
 from benchmarks.systems import resolve_spec
@@ -48,6 +50,7 @@ from benchmarks.throughput import machine_info
 
 ENGINES = {  # name -> (LayerSkip settings or None, drafting modes timed)
     "vllm": (None, [None]),
+    "vllm-control": (None, [None]),
     "layerskip": ({"verify_from_exit_states": True}, ["off", "always"]),
     "layerskip-stock-verify": ({"verify_from_exit_states": False}, ["always"]),
 }
@@ -93,10 +96,11 @@ def serve(conn, engine_args: tuple, max_tokens: int) -> None:
     from vllm import SamplingParams
 
     llm = start(*engine_args)
+    pinned = pin_engine_processes()
     params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens,
                             ignore_eos=True)
     prompts = load_prompts("code", engine_args[4])
-    conn.send("ready")
+    conn.send(("ready", pinned))
     try:
         while (request := conn.recv()) is not None:
             batch, mode = request
@@ -112,7 +116,11 @@ class EngineProcess:
         # Not a daemon: the engine starts processes of its own.
         self.process = context.Process(target=serve, args=(child, engine_args, max_tokens))
         self.process.start()
-        if self.conn.recv() != "ready":
+        try:
+            status, self.pinned = self.conn.recv()
+        except EOFError:
+            status = None
+        if status != "ready":
             raise RuntimeError("engine process failed to start")
 
     def run(self, batch: int, mode: str | None) -> dict:
@@ -136,6 +144,7 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
     plain = lambda r: runs["vllm"][r]["seconds"]  # noqa: E731
     plain_step = lambda r: plain(r) / max_tokens  # noqa: E731
     row = {"batch_size": b, "plain_tokens_per_s": med(lambda r: b * max_tokens / plain(r)),
+           "control_ratio": med(lambda r: plain(r) / runs["vllm-control"][r]["seconds"]),
            "forced_off_ratio": med(lambda r: plain(r) / runs["layerskip/off"][r]["seconds"])}
     for name, key in (("split", "layerskip/always"), ("stock", "layerskip-stock-verify/always")):
         run = runs[key]
@@ -161,19 +170,21 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
              f"{meta['dtype']}, {'eager' if meta['enforce_eager'] else 'compiled'}, greedy code "
              f"prompts, {meta['max_tokens']} new tokens, median of {meta['rounds']} interleaved "
              f"rounds; {meta['machine']}.", "",
-             "| batch | plain tok/s | forced off | drafting (split verify) | verify cost split | "
+             "| batch | plain tok/s | control | forced off | drafting (split verify) | verify cost split | "
              "verify cost stock | draft step cost | accepted len | ideal | of ideal | "
              "drafting (stock verify) | of ideal (stock) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['batch_size']} | {r['plain_tokens_per_s']:.1f} | {r['forced_off_ratio']:.3f}x "
+            f"| {r['batch_size']} | {r['plain_tokens_per_s']:.1f} | {r['control_ratio']:.3f}x "
+            f"| {r['forced_off_ratio']:.3f}x "
             f"| {r['split_speedup']:.3f}x | {r['split_verify_cost']:.2f} | "
             f"{r['stock_verify_cost']:.2f} | {r['split_draft_cost']:.2f} | "
             f"{r['split_accepted_length']:.2f} | {r['split_ideal']:.3f}x | "
             f"{100 * r['split_of_ideal']:.0f}% | {r['stock_speedup']:.3f}x | "
             f"{100 * r['stock_of_ideal']:.0f}% |")
-    lines += ["", "Verify cost: wall time of a drafting step minus its draft loop, over a plain "
+    lines += ["", "Control: plain vLLM over a second, identical plain engine (1.0 when the "
+              "method is sound). Verify cost: wall time of a drafting step minus its draft loop, over a plain "
               "decode step. Draft step cost: one draft forward (E layers + head) over a plain step."]
     return "\n".join(lines) + "\n"
 
@@ -205,8 +216,9 @@ def main(argv=None) -> int:
             for name, engine in engines.items():  # warm-up: new batch shapes, lazy set-up
                 for mode in ENGINES[name][1]:
                     engine.run(b, mode)
-            for _ in tqdm(range(args.rounds), desc=f"batch {b}"):
-                for name, engine in engines.items():
+            for r in tqdm(range(args.rounds), desc=f"batch {b}"):
+                # Odd rounds run the engines in reverse, so no engine always goes first.
+                for name, engine in list(engines.items())[:: -1 if r % 2 else 1]:
                     for mode in ENGINES[name][1]:
                         key = name if mode is None else f"{name}/{mode}"
                         runs.setdefault(key, []).append(engine.run(b, mode))
@@ -219,6 +231,7 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "exit_layer": e, "k": k, "dtype": args.dtype,
             "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
             "rounds": args.rounds,
+            "pinning": {name: engine.pinned for name, engine in engines.items()},
             "machine": f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"}
     md = to_markdown(meta, rows)
     print(md)

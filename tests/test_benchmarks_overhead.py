@@ -1,4 +1,4 @@
-"""Quick path of benchmarks.overhead: three engine processes on a tiny model, one round."""
+"""Quick path of benchmarks.overhead: four engine processes on a tiny model, one round."""
 import json
 import subprocess
 import sys
@@ -19,8 +19,13 @@ def test_overhead_reports_every_ratio(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
-    for key in ("forced_off_ratio", "split_speedup", "stock_speedup", "split_verify_cost",
+    for key in ("control_ratio", "forced_off_ratio", "split_speedup", "stock_speedup", "split_verify_cost",
                 "stock_verify_cost", "split_draft_cost", "split_of_ideal"):
         assert row[key] > 0, key
     assert 1.0 <= row["split_accepted_length"] <= 3.0  # K=2: at most K + 1 per verification
     assert "| 2 |" in (tmp_path / "overhead.md").read_text()
+    # Each engine's helpers were moved off its worker's core (vLLM binds the worker).
+    pinning = json.loads(out.read_text())["meta"]["pinning"]
+    assert set(pinning) == {"vllm", "vllm-control", "layerskip", "layerskip-stock-verify"}
+    for done in pinning.values():
+        assert done["threads_pinned"] > 0 and not set(done["worker_cores"]) & set(done["other_cores"])

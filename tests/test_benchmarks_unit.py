@@ -153,11 +153,13 @@ def test_overhead_summary_from_synthetic_rounds():
     always = lambda s, d: {"seconds": s, "draft_seconds": d, "draft_steps": 100,  # noqa: E731
                            "draft_tokens": b * 51 * k, "reused_tokens": 0}
     runs = {"vllm": plain,
+            "vllm-control": [{"seconds": 1.1}, {"seconds": 1.2}, {"seconds": 0.9}],
             "layerskip/off": [{"seconds": 1.0}, {"seconds": 1.25}, {"seconds": 1.1}],
             "layerskip/always": [always(0.8, 0.2)] * 3,
             "layerskip-stock-verify/always": [always(1.0, 0.2)] * 3}
     row = summarise(runs, b, k, n)
     assert row["forced_off_ratio"] == pytest.approx(0.96)  # median of 1.0, 0.96, 0.909
+    assert row["control_ratio"] == pytest.approx(1.0)  # median of 0.909, 1.0, 1.111
     assert row["split_accepted_length"] == pytest.approx(2.0)
     plain_step = 1.0 / n  # median round
     assert row["split_draft_cost"] == pytest.approx(0.2 / 100 / plain_step)
@@ -169,6 +171,53 @@ def test_overhead_summary_from_synthetic_rounds():
     assert "| 4 |" in to_markdown({"model": "m", "exit_layer": 1, "k": k, "dtype": "bf16",
                                    "enforce_eager": False, "max_tokens": n, "rounds": 3,
                                    "machine": "cpu"}, [row])
+
+
+def test_engine_cores_split_by_affinity_masks():
+    """A thread bound to part of the machine is a worker's; the rest of the machine is
+    left to the other processes. Nothing bound, or workers on every core: nothing to do."""
+    from benchmarks.affinity import split_cores
+
+    cpus = {0, 1, 2, 3}
+    assert split_cores(cpus, [cpus, {0, 1, 2}, cpus, {0, 1, 2}]) == ({0, 1, 2}, {3})
+    assert split_cores(cpus, [cpus, cpus]) == (set(), cpus)
+    assert split_cores({0, 1}, [{0}, {1}, {0, 1}]) == ({0, 1}, set())
+
+
+def test_pinning_moves_unbound_threads_off_a_bound_child():
+    """An engine-like process tree: a parent, and a child bound to one core as vLLM binds
+    its worker. The child keeps its core; the parent's threads move to the others."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.affinity import pin_engine_processes
+
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.skip("needs 2 cores to separate")  # CI and dev machines have 2
+    bound = min(cpus)
+    worker = f"import os, time; os.sched_setaffinity(0, {{{bound}}}); print(flush=True); time.sleep(60)"
+    parent = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+              f"{worker!r}], stdout=subprocess.PIPE); c.stdout.readline(); print(c.pid, flush=True); "
+              "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())  # the child is bound by now
+        done = pin_engine_processes(proc.pid)
+        assert done["worker_cores"] == [bound] and done["threads_pinned"] >= 1
+        assert os.sched_getaffinity(proc.pid) == cpus - {bound}
+        assert os.sched_getaffinity(child) == {bound}
+    finally:
+        for p in psutil_tree(proc.pid):
+            p.kill()
+
+
+def psutil_tree(pid):
+    import psutil
+
+    root = psutil.Process(pid)
+    return [*root.children(recursive=True), root]
 
 
 def test_demo_uses_the_shipped_model_unless_told_otherwise(tmp_path):
