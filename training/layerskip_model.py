@@ -22,10 +22,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 class LayerSkipLM(nn.Module):
     def __init__(self, model: nn.Module, always_call_layers: bool = False,
-                 loss_chunk: int = DEFAULT_LOSS_CHUNK):
+                 loss_chunk: int = DEFAULT_LOSS_CHUNK, compile_layers: bool = False):
         super().__init__()
         self.model = model
         self.loss_chunk = loss_chunk  # tokens per LM-head chunk of the loss; 0 = unchunked
+        if compile_layers:
+            # One graph per decoder layer, traced with a symbolic batch: layer dropout
+            # runs a layer on a varying subset of rows, which would otherwise recompile.
+            # The state dict is untouched (only the bound `forward` is replaced).
+            for layer in decoder_layers(model):
+                layer.forward = torch.compile(layer.forward, dynamic=True)
         self.dropout = LayerDropout(decoder_layers(model), always_call=always_call_layers)
         self.last_exit_losses: dict[int, float] = {}
 
