@@ -1,7 +1,8 @@
-"""What the engine costs around the method, measured side by side in one process.
+"""What the engine costs around the method, measured side by side.
 
     python -m benchmarks.overhead --model DIR [--exit-layer E] [--num-speculative-tokens K]
-        [--batch-sizes 1,8,32] [--rounds 5] [--max-tokens 128] [--json OUT] [--md OUT]
+        [--batch-sizes 1,8,32] [--rounds 5] [--max-tokens 128] [--silent-upper]
+        [--json OUT] [--md OUT]
 
 Three engines, started once, each in its own process, run the same greedy code prompts in
 alternating rounds (so a slow minute of a shared machine hits them all alike):
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from benchmarks.affinity import pin_engine_processes
 from benchmarks.ideal import ideal_speedup
 from benchmarks.prompts import load_prompts
-from benchmarks.systems import resolve_spec
+from benchmarks.systems import resolve_spec, write_truncated_copy
 from benchmarks.throughput import machine_info
 
 ENGINES = {  # name -> (LayerSkip settings or None, drafting modes timed)
@@ -166,7 +167,8 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"Model `{meta['model']}`, exit_layer {meta['exit_layer']}, K {meta['k']}, "
+    silenced = " (layers >= E silenced: every draft accepted)" if meta.get("silent_upper") else ""
+    lines = [f"Model `{meta['model']}`{silenced}, exit_layer {meta['exit_layer']}, K {meta['k']}, "
              f"{meta['dtype']}, {'eager' if meta['enforce_eager'] else 'compiled'}, greedy code "
              f"prompts, {meta['max_tokens']} new tokens, median of {meta['rounds']} interleaved "
              f"rounds; {meta['machine']}.", "",
@@ -200,10 +202,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--silent-upper", action="store_true",
+                   help="run on a copy whose layers >= E add nothing (output projections "
+                        "zeroed, same cost): every draft is accepted, so the ideal is exact")
+    p.add_argument("--work-dir", type=Path, default=Path(".cache") / "bench" / "overhead")
     p.add_argument("--json", type=Path)
     p.add_argument("--md", type=Path)
     args = p.parse_args(argv)
     e, k = resolve_spec(args.model, args.exit_layer, args.num_speculative_tokens)
+    if args.silent_upper:
+        args.model = str(write_truncated_copy(args.model, e, args.work_dir / f"silent-upper-e{e}",
+                                              silence_upper=True).resolve())
     batches = [int(x) for x in args.batch_sizes.split(",")]
     engines: dict[str, EngineProcess] = {}
     rows = []
@@ -228,7 +237,8 @@ def main(argv=None) -> int:
         for engine in engines.values():
             engine.close()
     machine = machine_info()
-    meta = {"model": args.model, "exit_layer": e, "k": k, "dtype": args.dtype,
+    meta = {"model": args.model, "silent_upper": args.silent_upper, "exit_layer": e, "k": k,
+            "dtype": args.dtype,
             "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
             "rounds": args.rounds,
             "pinning": {name: engine.pinned for name, engine in engines.items()},

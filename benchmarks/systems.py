@@ -60,11 +60,20 @@ def resolve_spec(model_dir, exit_layer: int | None, k: int | None) -> tuple[int,
     return int(e), int(k)
 
 
-def write_truncated_copy(model_dir, exit_layer: int, out_dir) -> Path:
+# The projections that write a decoder layer's output into the residual stream.
+_RESIDUAL_WRITERS = ("self_attn.o_proj.", "mlp.down_proj.")
+
+
+def write_truncated_copy(model_dir, exit_layer: int, out_dir, silence_upper: bool = False) -> Path:
     """Copy of the checkpoint with only layers < exit_layer (plus embeddings, norm, LM head).
 
-    Reuses an existing copy when its config already says ``exit_layer`` layers and it was
-    written from the same source files (size/mtime recorded in a stamp).
+    With ``silence_upper`` the copy keeps every layer but zeroes the output projections of
+    layers >= exit_layer: they still cost what they cost, but add nothing to the residual
+    stream, so the exit at ``exit_layer`` equals the full model and every draft is accepted
+    (the case where the speculative ideal is known exactly).
+
+    Reuses an existing copy when it was written the same way from the same source files
+    (size/mtime recorded in a stamp).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -73,7 +82,8 @@ def write_truncated_copy(model_dir, exit_layer: int, out_dir) -> Path:
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
         raise SystemExit(f"--model: no *.safetensors files in {src}")
-    stamp = json.dumps({"exit_layer": exit_layer, "src": str(src.resolve()),
+    stamp = json.dumps({"exit_layer": exit_layer, "silence_upper": silence_upper,
+                        "src": str(src.resolve()),
                         "files": [(p.name, p.stat().st_size, p.stat().st_mtime) for p in shards]})
     if (out / ".truncated-stamp").exists() and (out / ".truncated-stamp").read_text() == stamp:
         return out
@@ -84,18 +94,20 @@ def write_truncated_copy(model_dir, exit_layer: int, out_dir) -> Path:
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
-                if ".layers." in name:
-                    idx = int(name.split(".layers.")[1].split(".")[0])
-                    if idx >= exit_layer:
-                        continue
+                upper = ".layers." in name and int(name.split(".layers.")[1].split(".")[0]) >= exit_layer
+                if upper and not silence_upper:
+                    continue
                 tensors[name] = f.get_tensor(name)
+                if upper and any(w in name for w in _RESIDUAL_WRITERS):
+                    tensors[name] = tensors[name].zero_()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = read_config(src)
-    cfg["num_hidden_layers"] = exit_layer
-    cfg.pop("layerskip", None)
-    for key in ("layer_types", "sliding_window_layers"):
-        if isinstance(cfg.get(key), list):
-            cfg[key] = cfg[key][:exit_layer]
+    if not silence_upper:
+        cfg["num_hidden_layers"] = exit_layer
+        cfg.pop("layerskip", None)
+        for key in ("layer_types", "sliding_window_layers"):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = cfg[key][:exit_layer]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for name in _TOKENIZER_FILES:
         if (src / name).exists():

@@ -1,14 +1,27 @@
-"""Training throughput of the LayerSkip step on a local checkpoint (CPU or GPU).
+"""Training throughput of the LayerSkip step, side by side (CPU or GPU).
 
-    python -m benchmarks.train_speed --model .cache/models/smollm2 --steps 6 --warmup 2
+    python -m benchmarks.train_speed --model DIR [--side NAME=SETTINGS ...] [--steps 3]
+    python -m benchmarks.train_speed --model DIR --parts [--reps 3]
 
-Runs exactly the trainer's optimizer step (recipe step plan, layer-dropout masks,
-autocast, LayerSkip loss, backward, clipping, AdamW) on packed standard-library code and
-reports tokens/s, seconds per step and peak resident memory. `--profile FILE` writes the
-operator table of one step from torch.profiler."""
+Each side is one set of trainer settings with its own copy of the model and optimizer:
+`chunk=N` (LM-head loss chunk, 0 = unchunked), `fused=0|1` (AdamW), `compile=0|1`
+(compiled decoder layers), e.g. `--side before=chunk=0,fused=0 --side after=`. The sides
+run exactly the trainer's optimizer step (recipe plan, layer-dropout masks, autocast,
+LayerSkip loss, backward, clipping, AdamW) on the same batches and masks, alternated step
+by step, so that a shared machine's load hits them alike; each reports tokens/s, seconds
+per step and its losses (equal across sides up to bf16 rounding: the settings change speed,
+not what is computed). One side (the default: the trainer's defaults) is a plain
+throughput measurement; `--profile FILE` writes torch.profiler's table of one step of the
+first side.
+
+`--parts` times the two pieces those settings change, interleaved: the LM-head loss of a
+step (forward + backward over --exits read-outs), unchunked vs chunked, and one AdamW step,
+per-tensor vs fused.
+"""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import time
@@ -17,81 +30,143 @@ import torch
 
 from benchmarks.prompts import training_files
 from training.data import load_texts, pack
+from training.early_exit_loss import head_ce
+from training.errors import ConfigError
 from training.layer_dropout import sample_keep_mask
-from training.layerskip_model import LayerSkipLM
+from training.layerskip_model import DEFAULT_LOSS_CHUNK, LayerSkipLM
 from training.models import load_model
 from training.recipe import PRESETS, step_plan
 from training.trainer import _dropout_generator, make_optimizer, single_step, use_bf16
+
+SIDE_DEFAULTS = {"chunk": DEFAULT_LOSS_CHUNK, "fused": 1, "compile": 0}
+
+
+def parse_side(text: str) -> tuple[str, dict]:
+    """'NAME=key=value,key=value' -> (NAME, settings over SIDE_DEFAULTS)."""
+    name, _, spec = text.partition("=")
+    if not name:
+        raise ConfigError(f"--side must be NAME=SETTINGS (e.g. after=chunk=1024,fused=1), got {text!r}")
+    settings = dict(SIDE_DEFAULTS)
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in SIDE_DEFAULTS or not value.isdigit():
+            raise ConfigError(f"--side {name}: settings are {', '.join(SIDE_DEFAULTS)} with integer "
+                              f"values, got {item!r}")
+        settings[key] = int(value)
+    return name, settings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--side", action="append", default=[], metavar="NAME=SETTINGS")
     p.add_argument("--preset", default="code-finetuning", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, caches)")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per side")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, tracing)")
     p.add_argument("--total-steps", type=int, default=90, help="T the recipe's schedules assume")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--loss-chunk", type=int, default=None,
-                   help="tokens per early-exit loss chunk (0 = unchunked; default: trainer's)")
-    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--files", type=int, default=40, help="first N standard-library files")
     p.add_argument("--profile", metavar="FILE", help="write torch.profiler's table of one step")
+    p.add_argument("--parts", action="store_true", help="time the loss and AdamW parts instead")
+    p.add_argument("--exits", type=int, default=3, help="--parts: head read-outs per step")
+    p.add_argument("--reps", type=int, default=3, help="--parts: interleaved repetitions")
     p.add_argument("--json", metavar="FILE")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.sides = [parse_side(s) for s in args.side] or [("default", dict(SIDE_DEFAULTS))]
+    return args
+
+
+def run_sides(args, hf_model, blocks: torch.Tensor) -> dict:
+    recipe, b = PRESETS[args.preset], args.batch_size
+    bf16 = use_bf16(args.bf16, torch.device("cpu"))
+    sides = {}
+    for name, s in args.sides:
+        m = copy.deepcopy(hf_model).train()
+        sides[name] = (LayerSkipLM(m, loss_chunk=s["chunk"], compile_layers=bool(s["compile"])),
+                       make_optimizer(m.parameters(), 1e-5, 0.0, fused=bool(s["fused"])))
+    times = {name: [] for name in sides}
+    losses = {name: [] for name in sides}
+
+    def batch(i: int):
+        plan = step_plan(recipe, i, args.total_steps, hf_model.config.num_hidden_layers)
+        ids = blocks[(i * b) % max(1, len(blocks) - b):][:b]  # [b, s]
+        keep = None
+        if recipe.layer_dropout_max > 0:
+            keep = sample_keep_mask(plan.drop_probs, len(ids), _dropout_generator(0, i, 0, 0))
+        return ids, keep, plan.exit_weights
+
+    for i in range(args.warmup + args.steps):
+        ids, keep, weights = batch(i)
+        for name, (model, opt) in sides.items():
+            t0 = time.perf_counter()
+            loss = single_step(model, opt, ids, keep, weights, bf16)
+            if i >= args.warmup:
+                times[name].append(round(time.perf_counter() - t0, 3))
+                losses[name].append(round(loss, 5))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        model, opt = next(iter(sides.values()))
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            single_step(model, opt, *batch(0), bf16)
+        with open(args.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    tokens = b * args.seq_len
+    return {"bf16": bf16, "sides": {
+        name: {"settings": dict(args.sides)[name], "s_per_step": round(sum(t) / len(t), 3),
+               "tokens_per_s": round(tokens * len(t) / sum(t), 1), "step_times": t,
+               "losses": losses[name]} for name, t in times.items()}}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_parts(args, model) -> dict:
+    weight = model.lm_head.weight
+    torch.manual_seed(0)
+    b, s, d = args.batch_size, args.seq_len, weight.shape[1]
+    hiddens = [torch.randn(b, s, d, requires_grad=True) for _ in range(args.exits)]  # [b, s, d] each
+    ids = torch.randint(0, weight.shape[0], (b, s))
+
+    def loss_step(chunk):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = sum(head_ce(model, model.model.norm(h), ids, chunk) for h in hiddens)
+            loss.backward()
+            weight.grad = None
+        return run
+
+    params = list(model.parameters())
+    for q in params:
+        q.grad = torch.randn_like(q) * 1e-3
+    optims = {fused: make_optimizer(params, 1e-5, 0.0, fused=fused) for fused in (False, True)}
+    parts = {"loss_unchunked": loss_step(0), "loss_chunked": loss_step(DEFAULT_LOSS_CHUNK),
+             "adamw_plain": optims[False].step, "adamw_fused": optims[True].step}
+    times = {k: [] for k in parts}
+    for _ in range(args.reps):  # interleaved A/B
+        for k, fn in parts.items():
+            times[k].append(_timed(fn))
+    return {k: {"min_s": round(min(v), 3), "all_s": [round(t, 3) for t in v]} for k, v in times.items()}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
     hf_model, tokenizer = load_model(args.model)
-    blocks = pack(load_texts([str(p) for p in training_files()[: args.files]]), tokenizer,
-                  args.seq_len)  # [n, s]
-    need = (args.warmup + args.steps) * args.batch_size
-    blocks = blocks.repeat((need + len(blocks) - 1) // len(blocks), 1)[:need]
-    kwargs = {} if args.loss_chunk is None else {"loss_chunk": args.loss_chunk}
-    model = LayerSkipLM(hf_model, **kwargs)
-    optimizer = make_optimizer(model.parameters(), 1e-5, 0.0, fused=args.fused_adam)
-    recipe = PRESETS[args.preset]
-    bf16 = use_bf16(args.bf16, torch.device("cpu"))
-    hf_model.train()
-
-    def step(i: int) -> float:
-        plan = step_plan(recipe, i, args.total_steps, model.num_layers)
-        ids = blocks[i * args.batch_size:(i + 1) * args.batch_size]  # [b, s]
-        keep = None
-        if recipe.layer_dropout_max > 0:
-            keep = sample_keep_mask(plan.drop_probs, len(ids), _dropout_generator(0, i, 0, 0))
-        return single_step(model, optimizer, ids, keep, plan.exit_weights, bf16)
-
-    for i in range(args.warmup):
-        step(i)
-    times, losses = [], []
-    for i in range(args.warmup, args.warmup + args.steps):
-        t0 = time.perf_counter()
-        losses.append(step(i))
-        times.append(time.perf_counter() - t0)
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            step(args.warmup)
-        with open(args.profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
-            f.write(prof.key_averages(group_by_input_shape=True).table(
-                sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=30,
-                max_shapes_column_width=90))
-    tokens = args.batch_size * args.seq_len
-    per_step = sum(times) / len(times)
-    result = {"model": args.model, "preset": args.preset, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "bf16": bf16, "loss_chunk": getattr(model, "loss_chunk", 0),
-              "fused_adam": args.fused_adam, "threads": torch.get_num_threads(),
-              "steps": args.steps, "s_per_step": round(per_step, 3),
-              "tokens_per_s": round(tokens / per_step, 1),
-              "step_times": [round(t, 3) for t in times], "losses": [round(l, 5) for l in losses],
-              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if args.parts:
+        result = {"parts": run_parts(args, hf_model)}
+    else:
+        blocks = pack(load_texts([str(p) for p in training_files()[: args.files]]), tokenizer,
+                      args.seq_len)  # [n, s]
+        result = run_sides(args, hf_model, blocks)
+    result.update(model=args.model, preset=args.preset, batch_size=args.batch_size,
+                  seq_len=args.seq_len, threads=torch.get_num_threads(),
+                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,5 +1,6 @@
 """Fast checks of the benchmark package's pure parts (no engine)."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -53,6 +54,25 @@ def test_truncated_copy_has_exactly_e_layers_and_loads(tiny, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(model.model.layers) == 2
     assert write_truncated_copy(tiny, 2, tmp_path / "trunc") == out   # cached
+
+
+def test_silenced_copy_exits_early_with_the_full_models_logits(tiny, tmp_path):
+    """Upper layers with zeroed output projections add nothing: the full model's logits
+    equal those of its first E layers, so every draft from exit E is accepted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = write_truncated_copy(tiny, 2, tmp_path / "silent", silence_upper=True)
+    cfg = json.loads((out / "config.json").read_text())
+    full = json.loads((Path(tiny) / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == full["num_hidden_layers"] and "layerskip" in cfg
+    silent = AutoModelForCausalLM.from_pretrained(out).eval()
+    first_two = AutoModelForCausalLM.from_pretrained(write_truncated_copy(tiny, 2, tmp_path / "trunc")).eval()
+    original = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(silent(ids).logits, first_two(ids).logits, atol=1e-5)
+        assert not torch.allclose(silent(ids).logits, original(ids).logits, atol=1e-3)
 
 
 def test_resolve_spec_uses_metadata_and_checks_range(tiny):
@@ -230,3 +250,25 @@ def test_demo_uses_the_shipped_model_unless_told_otherwise(tmp_path):
     assert pick_model_dir(None, False, shipped) == shipped
     assert pick_model_dir(None, True, shipped) == DEMO_DIR
     assert pick_model_dir(str(tmp_path / "mine"), False, shipped) == tmp_path / "mine"
+
+
+def test_train_speed_sides_compute_the_same_step(tmp_path):
+    """Two sides that differ only in speed settings (loss chunking, fused AdamW) run the
+    same batches and masks: same losses, both timed. Bad side settings name the flag."""
+    import json
+
+    from benchmarks import train_speed
+    from benchmarks.tiny_model import build_tiny_model
+    from training.errors import ConfigError
+
+    model = build_tiny_model(tmp_path / "tiny", layers=2, hidden=64, vocab_size=512)
+    out = tmp_path / "speed.json"
+    train_speed.main(["--model", str(model), "--side", "before=chunk=0,fused=0", "--side", "after=",
+                      "--steps", "2", "--warmup", "0", "--files", "3", "--seq-len", "32",
+                      "--batch-size", "2", "--json", str(out), "--preset", "pretraining"])
+    sides = json.loads(out.read_text())["sides"]
+    assert sides["before"]["settings"]["chunk"] == 0 and sides["after"]["settings"]["fused"] == 1
+    assert sides["before"]["losses"] == pytest.approx(sides["after"]["losses"], rel=1e-2)
+    assert all(s["tokens_per_s"] > 0 and len(s["step_times"]) == 2 for s in sides.values())
+    with pytest.raises(ConfigError, match="--side x"):
+        train_speed.parse_side("x=chunks=3")
