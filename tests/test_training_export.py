@@ -1,6 +1,7 @@
 """training.export: small bf16 shards that load back to the same model, metadata kept, and
 nothing half-written when it fails."""
 import json
+import os
 
 import pytest
 import torch
@@ -26,6 +27,11 @@ def test_shards_load_back_to_the_same_bf16_model(trained, tmp_path):
     meta = json.loads((trained / "config.json").read_text())["layerskip"]
     assert json.loads((out / "config.json").read_text())["layerskip"] == meta
     assert (out / "tokenizer.json").is_file()
+    # Readable by everyone the umask allows (not mkdtemp's owner-only 0700).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     want = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.bfloat16)
     have = AutoModelForCausalLM.from_pretrained(out)
     assert have.dtype == torch.bfloat16

@@ -125,3 +125,19 @@ def test_lr_schedule():
     assert lr_factor(4, 4, 20) == pytest.approx(1.0)
     assert lr_factor(12, 4, 20, 0.0) == pytest.approx(0.5)
     assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_metadata_update_keeps_the_config_files_mode(tmp_path):
+    """The atomic rewrite of config.json goes through a private temp file; the result keeps
+    the mode the file had (a shipped model stays readable by everyone)."""
+    import json
+    import os
+
+    from training.metadata import write_layerskip_metadata
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"layerskip": {"exit_layer": 1}}))
+    os.chmod(path, 0o644)
+    assert write_layerskip_metadata(tmp_path, {"num_speculative_tokens": 2}) == {
+        "exit_layer": 1, "num_speculative_tokens": 2}
+    assert path.stat().st_mode & 0o777 == 0o644

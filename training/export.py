@@ -53,6 +53,13 @@ def export(model_dir: Path, output: Path, dtype: str = "bfloat16", max_shard_mib
         if too_big:  # a single tensor larger than the shard size cannot be split
             raise ConfigError(f"--max-shard-mib {max_shard_mib}: {', '.join(too_big)} holds a "
                               f"tensor larger than that; raise the limit")
+        # mkdtemp's directory (and safetensors' files) are private to the owner; a shipped
+        # model is read by everyone, as files the user would have created.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)

@@ -35,6 +35,7 @@ def write_layerskip_metadata(model_dir: str | os.PathLike, updates: dict) -> dic
         with os.fdopen(fd, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+        os.chmod(tmp, path.stat().st_mode & 0o777)  # mkstemp's file is owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
