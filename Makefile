@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   build (or reuse) a small LayerSkip model and race plain vLLM against LayerSkip
+#   make demo   race plain vLLM against LayerSkip on the shipped model (models/layerskip-code-32m)
 #   make test   run the test suite (everything; what CI runs)
 #   make test-fast   the tests that start no vLLM engine and train nothing (edit-test loop)
 # Both create or reuse the project's environment in .venv.

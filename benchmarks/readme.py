@@ -57,8 +57,9 @@ def section(tp: dict, serving: dict | None, sweep: dict | None, charts: dict[str
                 f"{split['layers_share']:.0%} ({split['per_layer_ms']:.2f} ms each) and a fixed "
                 f"{split['fixed_ms']:.1f} ms (embedding, LM head, sampling, engine).", ""]
     if charts.get("per_exit"):
-        out += ["Per-exit agreement with the last layer on the held-out split, LayerSkip recipe "
-                "vs the identically trained baseline:", "",
+        against = (", LayerSkip recipe vs the identically trained baseline"
+                   if (evaluation or {}).get("has_baseline") else "")
+        out += [f"Per-exit agreement with the last layer on the held-out split{against}:", "",
                 f"![per-exit curves]({charts['per_exit']})", ""]
     cal = tp.get("calibration") or {}
     if cal:
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
     evaluation = None
     if a.reference_eval:
         split = Path(a.reference_eval) / "decode_split.json"
-        evaluation = {"decode_split": load(split) if split.exists() else None}
+        per_exit = Path(a.reference_eval) / "per_exit.json"
+        evaluation = {"decode_split": load(split) if split.exists() else None,
+                      "has_baseline": per_exit.exists() and "baseline" in load(per_exit)}
     sources = {"throughput": Path(a.throughput).with_suffix(".png"),
                "sweep": Path(a.sweep).with_suffix(".png") if a.sweep else None,
                "per_exit": Path(a.reference_eval) / "per_exit.png" if a.reference_eval else None}

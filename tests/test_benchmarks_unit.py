@@ -137,9 +137,12 @@ def test_readme_section_is_generated_between_markers(tiny, tmp_path):
              "tokens_per_s": v, "speedup": v / 10, "acceptance_rate": None,
              "mean_accepted_length": None, "ideal_speedup": None, "peak_memory_mb": 1.0,
              "kv_blocks": 1} for s, v in (("vllm", 10.0), ("layerskip", 21.0),
-                                          ("vllm-draft-truncated", 15.0))]
+                                          ("vllm-draft-truncated", 15.0), ("vllm-ngram", 21.0))]
     targets = check_targets(rows)
-    assert targets["batch1_vs_vllm>=2.0"]["ok"] and targets["batch1_vs_draft_truncated>=1.25"]["ok"]
+    assert targets["batch1_layerskip_vs_vllm>=1.5"] == {"value": 2.1, "ok": True}
+    assert targets["batch1_layerskip_vs_vllm_draft_truncated>=1.25"] == {"value": 1.4, "ok": True}
+    assert not targets["batch1_layerskip_vs_vllm_ngram>1"]["ok"]  # equal is not above
+    assert len(targets) == 3  # no verdict without the rows
     tp = {"results": rows, "targets": targets, "calibration": {},
           "settings": {"model": str(tiny), "exit_layer": 1, "num_speculative_tokens": 2,
                        "dtype": "bfloat16", "max_tokens": 8, "repeats": 1, "warmup": 1,
