@@ -293,7 +293,8 @@ def main(argv=None) -> int:
                         "machine": machine_info()},
            "calibration": calibration_summary(costs, e, L),
            "targets": check_targets(rows),
-           "startup_s": {s: r.get("startup_s") for s, r in results.items()}}
+           "startup_s": {s: r.get("startup_s") for s, r in results.items()},
+           "pinning": {s: r.get("pinning") for s, r in results.items()}}
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(out, indent=2) + "\n")
