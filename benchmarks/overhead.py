@@ -25,11 +25,12 @@ One process per engine, not several `LLM`s in one: measured on the 2-core Xeon, 
 identical plain engines in one process the first ran at 80 tokens/s and the third at 105
 (batch 1), so engines sharing a front-end process are not comparable.
 
-Each engine's helper processes are pinned off its worker's core (benchmarks/affinity.py):
-unpinned, the engine created first ran 20-30% slower than the same engine created last.
-A second plain engine, ``vllm-control``, runs in every round as a check on the method: its
-ratio to ``vllm`` should be 1.0 within noise; when it is not, no other ratio in the run
-can be trusted either.
+Each engine's helper processes are pinned off its worker's core (benchmarks/affinity.py).
+Unpinned, the engine created first ran 20-30% slower than the same engine created last;
+pinned, it still did (the control below ran 1.08-1.15x faster than plain vLLM on the
+shipped model): the cause is not found. A second plain engine, ``vllm-control``, runs in
+every round as a check on the method: its ratio to ``vllm`` should be 1.0 within noise;
+when it is not, no other ratio in the run can be trusted either.
 """
 from __future__ import annotations
 
