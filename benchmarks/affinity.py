@@ -3,12 +3,11 @@
 vLLM's CPU worker binds its OpenMP threads (`VLLM_CPU_OMP_THREADS_BIND=auto`) to all cores
 but the last, which it "reserves" for the other processes; it does not bind those other
 processes, though. The engine core busy-polls the worker's shared-memory queue while a step
-runs, and the front end waits on it. Left to the kernel, they sometimes land on the worker's
-core: on a 2-core machine the worker then shares its one core with a spinning poller, and
-the same engine runs 20-30% slower depending on where the kernel happened to put it (an
-engine created first, or beside others, was the slow one). Benchmarks pin every thread of
-the engine's non-worker processes to the reserved cores, so that figures compare engines
-and not scheduler placement.
+runs, and the front end waits on it; left to the kernel, they may land on the worker's core
+and share it with a spinning poller. Benchmarks pin every thread of the engine's non-worker
+processes to the reserved cores, so that placement is the same for every engine. (This was
+meant to remove a 20-30% creation-order bias between engines on the 2-core Xeon; it did
+not: see benchmarks.overhead's control engine.)
 """
 from __future__ import annotations
 
