@@ -27,8 +27,9 @@ class LayerSkipLM(nn.Module):
         self.model = model
         self.loss_chunk = loss_chunk  # tokens per LM-head chunk of the loss; 0 = unchunked
         if compile_layers:
-            # One graph per decoder layer, traced with a symbolic batch: layer dropout
-            # runs a layer on a varying subset of rows, which would otherwise recompile.
+            # Each decoder layer runs compiled, traced with a symbolic batch (layer dropout
+            # runs a layer on a varying subset of rows, which would otherwise recompile);
+            # the layers share one graph, their weights being its inputs.
             # The state dict is untouched (only the bound `forward` is replaced).
             for layer in decoder_layers(model):
                 layer.forward = torch.compile(layer.forward, dynamic=True)
