@@ -1,15 +1,17 @@
 """What the engine costs around the method, measured side by side.
 
     python -m benchmarks.overhead --model DIR [--exit-layer E] [--num-speculative-tokens K]
-        [--batch-sizes 1,8,32] [--rounds 5] [--max-tokens 128] [--silent-upper]
+        [--batch-sizes 1,8,32] [--rounds 3] [--repeats 3] [--max-tokens 128] [--silent-upper]
         [--json OUT] [--md OUT]
 
-Three engines, started once, each in its own process, run the same greedy code prompts in
-alternating rounds (so a slow minute of a shared machine hits them all alike):
+Four engines run the same greedy code prompts:
 
 - ``vllm``: plain vLLM;
+- ``vllm-control``: a second plain vLLM, a check on the method: its ratio to ``vllm``
+  must be 1.0 within noise; when it is not, no other ratio in the run can be trusted either;
 - ``layerskip``: drafting switched ``off`` at run time (what a configured but idle
-  LayerSkip costs: the forced-off ratio), then ``always`` (drafting every step);
+  LayerSkip costs: the forced-off ratio), then ``always`` (drafting every step), then
+  ``adaptive`` (the switch decides per batch-size bucket, as a user gets by default);
 - ``layerskip-stock-verify``: drafting ``always``, but verification runs the stock forward
   over all layers (``verify_from_exit_states=False``).
 
@@ -21,16 +23,13 @@ reached. The mean accepted length a is the tokens each request got per verificat
 b (new tokens - 1) over the verifications (draft tokens / K, less each request's last
 round, whose drafts are never verified).
 
-One process per engine, not several `LLM`s in one: measured on the 2-core Xeon, of three
-identical plain engines in one process the first ran at 80 tokens/s and the third at 105
-(batch 1), so engines sharing a front-end process are not comparable.
-
-Each engine's helper processes are pinned off its worker's core (benchmarks/affinity.py).
-Unpinned, the engine created first ran 20-30% slower than the same engine created last;
-pinned, it still did (the control below ran 1.08-1.15x faster than plain vLLM on the
-shipped model): the cause is not found. A second plain engine, ``vllm-control``, runs in
-every round as a check on the method: its ratio to ``vllm`` should be 1.0 within noise;
-when it is not, no other ratio in the run can be trusted either.
+**One engine alive at a time.** Each round starts every engine in turn, in its own process:
+start, warm up, time each batch size `--repeats` times (median), shut down. Odd rounds
+reverse the order. Ratios are taken within a round, then the median over rounds. Engines
+alive side by side were not comparable on the 2-core Xeon: the engine created first ran
+8-30% slower than an identical one created after it, with or without its helper threads
+pinned off the worker's core (cause not found). Each engine's helpers are still pinned
+(benchmarks/affinity.py) so that placement is the same for every engine.
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ from benchmarks.throughput import machine_info
 ENGINES = {  # name -> (LayerSkip settings or None, drafting modes timed)
     "vllm": (None, [None]),
     "vllm-control": (None, [None]),
-    "layerskip": ({"verify_from_exit_states": True}, ["off", "always"]),
+    "layerskip": ({"verify_from_exit_states": True}, ["off", "always", "adaptive"]),
     "layerskip-stock-verify": ({"verify_from_exit_states": False}, ["always"]),
 }
 
@@ -140,6 +139,11 @@ class EngineProcess:
             self.process.kill()
 
 
+def median_run(timed: list[dict]) -> dict:
+    """The run with the median wall time (its counters belong to the same run)."""
+    return sorted(timed, key=lambda t: t["seconds"])[len(timed) // 2]
+
+
 def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
     """Medians over rounds of the ratios that matter (each ratio taken within a round)."""
     med = lambda f: statistics.median(f(r) for r in range(len(runs["vllm"])))  # noqa: E731
@@ -147,7 +151,8 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
     plain_step = lambda r: plain(r) / max_tokens  # noqa: E731
     row = {"batch_size": b, "plain_tokens_per_s": med(lambda r: b * max_tokens / plain(r)),
            "control_ratio": med(lambda r: plain(r) / runs["vllm-control"][r]["seconds"]),
-           "forced_off_ratio": med(lambda r: plain(r) / runs["layerskip/off"][r]["seconds"])}
+           "forced_off_ratio": med(lambda r: plain(r) / runs["layerskip/off"][r]["seconds"]),
+           "adaptive_ratio": med(lambda r: plain(r) / runs["layerskip/adaptive"][r]["seconds"])}
     for name, key in (("split", "layerskip/always"), ("stock", "layerskip-stock-verify/always")):
         run = runs[key]
         verify_steps = lambda r: run[r]["draft_steps"] / k  # noqa: E731
@@ -161,9 +166,22 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
         # one round more than it had verifications (the drafts after its last token).
         row[f"{name}_accepted_length"] = med(
             lambda r: b * (max_tokens - 1) / (run[r]["draft_tokens"] / k - b))
+        # Mean share of the batch that drafted in a drafting step: below 1 when requests
+        # finish at different steps (each at its own acceptance), leaving a ragged tail of
+        # small steps that plain decoding, whose requests all finish together, never runs.
+        row[f"{name}_batch_fill"] = med(
+            lambda r: run[r]["draft_tokens"] / run[r]["draft_steps"] / b)
         ideal = ideal_speedup(row[f"{name}_accepted_length"], k, row[f"{name}_draft_cost"])
         row[f"{name}_ideal"] = ideal
         row[f"{name}_of_ideal"] = row[f"{name}_speedup"] / ideal
+        # The same ideal for the engine steps this batch took (the slowest request's, with
+        # the ragged tail): what is left between it and the speedup is the engine's cost.
+        row[f"{name}_step_ideal"] = med(
+            lambda r: max_tokens / verify_steps(r) / (k * run[r]["draft_seconds"]
+                                                      / run[r]["draft_steps"] / plain_step(r) + 1))
+        row[f"{name}_of_step_ideal"] = med(
+            lambda r: plain(r) / run[r]["seconds"] * verify_steps(r) / max_tokens
+            * (k * run[r]["draft_seconds"] / run[r]["draft_steps"] / plain_step(r) + 1))
     return row
 
 
@@ -171,24 +189,30 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     silenced = " (layers >= E silenced: every draft accepted)" if meta.get("silent_upper") else ""
     lines = [f"Model `{meta['model']}`{silenced}, exit_layer {meta['exit_layer']}, K {meta['k']}, "
              f"{meta['dtype']}, {'eager' if meta['enforce_eager'] else 'compiled'}, greedy code "
-             f"prompts, {meta['max_tokens']} new tokens, median of {meta['rounds']} interleaved "
-             f"rounds; {meta['machine']}.", "",
-             "| batch | plain tok/s | control | forced off | drafting (split verify) | verify cost split | "
-             "verify cost stock | draft step cost | accepted len | ideal | of ideal | "
-             "drafting (stock verify) | of ideal (stock) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"prompts, {meta['max_tokens']} new tokens; one engine alive at a time, "
+             f"{meta['rounds']} lives each (order reversed every other round), median of "
+             f"{meta['repeats']} runs per life, median over lives; {meta['machine']}.", "",
+             "| batch | plain tok/s | control | forced off | adaptive | drafting, split verify | "
+             "drafting, stock verify |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r['batch_size']} | {r['plain_tokens_per_s']:.1f} | {r['control_ratio']:.3f}x "
-            f"| {r['forced_off_ratio']:.3f}x "
-            f"| {r['split_speedup']:.3f}x | {r['split_verify_cost']:.2f} | "
-            f"{r['stock_verify_cost']:.2f} | {r['split_draft_cost']:.2f} | "
-            f"{r['split_accepted_length']:.2f} | {r['split_ideal']:.3f}x | "
-            f"{100 * r['split_of_ideal']:.0f}% | {r['stock_speedup']:.3f}x | "
-            f"{100 * r['stock_of_ideal']:.0f}% |")
-    lines += ["", "Control: plain vLLM over a second, identical plain engine (1.0 when the "
-              "method is sound). Verify cost: wall time of a drafting step minus its draft loop, over a plain "
-              "decode step. Draft step cost: one draft forward (E layers + head) over a plain step."]
+        lines.append(f"| {r['batch_size']} | {r['plain_tokens_per_s']:.1f} | {r['control_ratio']:.3f}x "
+                     f"| {r['forced_off_ratio']:.3f}x | {r['adaptive_ratio']:.3f}x "
+                     f"| {r['split_speedup']:.3f}x | {r['stock_speedup']:.3f}x |")
+    lines += ["", "| batch | verify | verify cost | draft step cost | accepted len | batch fill | "
+              "ideal | of ideal | ideal at these steps | of it |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name in ("split", "stock"):
+            g = lambda key: r[f"{name}_{key}"]  # noqa: E731
+            lines.append(
+                f"| {r['batch_size']} | {name} | {g('verify_cost'):.2f} | {g('draft_cost'):.2f} | "
+                f"{g('accepted_length'):.2f} | {100 * g('batch_fill'):.0f}% | {g('ideal'):.3f}x | "
+                f"{100 * g('of_ideal'):.0f}% | {g('step_ideal'):.3f}x | {100 * g('of_step_ideal'):.0f}% |")
+    lines += ["", "Control: plain vLLM over a second, identical plain engine (1.0 when the method is "
+              "sound). Verify cost: wall time of a drafting step minus its draft loop, over a plain "
+              "decode step. Draft step cost: one draft forward (E layers + head) over a plain step. "
+              "Batch fill: the share of the batch that drafted, averaged over drafting steps "
+              "(requests finish at different steps). Ideal: a / (K c + 1) from the mean accepted "
+              "length a; ideal at these steps: the same for the engine steps the batch really took."]
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--exit-layer", type=int)
     p.add_argument("--num-speculative-tokens", type=int)
     p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="engine lives per engine (each starts, measures and stops it)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size and life")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
@@ -215,40 +241,44 @@ def main(argv=None) -> int:
         args.model = str(write_truncated_copy(args.model, e, args.work_dir / f"silent-upper-e{e}",
                                               silence_upper=True).resolve())
     batches = [int(x) for x in args.batch_sizes.split(",")]
-    engines: dict[str, EngineProcess] = {}
-    rows = []
-    try:
-        for name, (layerskip, _) in tqdm(ENGINES.items(), desc="starting engines"):
-            engines[name] = EngineProcess((args.model, e, k, layerskip, max(batches), args.dtype,
-                                           args.enforce_eager), args.max_tokens)
-        for b in batches:
-            runs: dict[str, list] = {}
-            for name, engine in engines.items():  # warm-up: new batch shapes, lazy set-up
-                for mode in ENGINES[name][1]:
-                    engine.run(b, mode)
-            for r in tqdm(range(args.rounds), desc=f"batch {b}"):
-                # Odd rounds run the engines in reverse, so no engine always goes first.
-                for name, engine in list(engines.items())[:: -1 if r % 2 else 1]:
-                    for mode in ENGINES[name][1]:
-                        key = name if mode is None else f"{name}/{mode}"
-                        runs.setdefault(key, []).append(engine.run(b, mode))
-            rows.append(summarise(runs, b, k, args.max_tokens))
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        for engine in engines.values():
-            engine.close()
+    engine_args = lambda layerskip: (args.model, e, k, layerskip, max(batches),  # noqa: E731
+                                     args.dtype, args.enforce_eager)
+    # runs[batch][engine/mode]: one entry per round, the median of that engine life's repeats.
+    runs: dict[int, dict[str, list]] = {b: {} for b in batches}
+    pinning: dict[str, dict] = {}
+    names = list(ENGINES)
+    with tqdm(total=args.rounds * len(names), desc="engine lives") as bar:
+        for r in range(args.rounds):
+            for name in names[:: -1 if r % 2 else 1]:
+                layerskip, modes = ENGINES[name]
+                engine = EngineProcess(engine_args(layerskip), args.max_tokens)
+                try:
+                    pinning[name] = engine.pinned
+                    for b in batches:
+                        for mode in modes:
+                            engine.run(b, mode)  # warm-up: new batch shapes, lazy set-up
+                            timed = [engine.run(b, mode) for _ in range(args.repeats)]
+                            key = name if mode is None else f"{name}/{mode}"
+                            runs[b].setdefault(key, []).append(median_run(timed))
+                finally:
+                    engine.close()
+                bar.update()
+    rows = [summarise(runs[b], b, k, args.max_tokens) for b in batches]
+    for row in rows:
+        print(json.dumps(row), flush=True)
     machine = machine_info()
     meta = {"model": args.model, "silent_upper": args.silent_upper, "exit_layer": e, "k": k,
             "dtype": args.dtype,
             "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
             "rounds": args.rounds,
-            "pinning": {name: engine.pinned for name, engine in engines.items()},
+            "repeats": args.repeats, "engine_lives": "one engine alive at a time",
+            "pinning": pinning,
             "machine": f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"}
     md = to_markdown(meta, rows)
     print(md)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2) + "\n")
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(md)

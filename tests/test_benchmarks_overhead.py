@@ -1,4 +1,4 @@
-"""Quick path of benchmarks.overhead: four engine processes on a tiny model, one round."""
+"""Quick path of benchmarks.overhead: four engine lives, one after another, on a tiny model."""
 import json
 import subprocess
 import sys
@@ -21,8 +21,13 @@ def test_overhead_reports_every_ratio(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     for key in ("control_ratio", "forced_off_ratio", "split_speedup", "stock_speedup", "split_verify_cost",
-                "stock_verify_cost", "split_draft_cost", "split_of_ideal"):
+                "stock_verify_cost", "split_draft_cost", "split_of_ideal", "split_of_step_ideal", "adaptive_ratio"):
         assert row[key] > 0, key
+    # The ideal at the engine steps the batch took is at most the mean-acceptance one (the
+    # slowest request sets the steps), and a drafting step holds at most the whole batch.
+    for path in ("split", "stock"):
+        assert 0 < row[f"{path}_batch_fill"] <= 1
+        assert row[f"{path}_step_ideal"] <= row[f"{path}_ideal"] * 1.01
     # Layers >= 2 silenced: every draft is accepted, K + 1 = 3 tokens per verification
     # (less the end of each request, where fewer than K drafts are left to make).
     for path in ("split", "stock"):
