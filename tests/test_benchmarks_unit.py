@@ -172,28 +172,35 @@ def test_overhead_summary_from_synthetic_rounds():
 
     k, b, n = 2, 4, 101  # K, batch, new tokens per request
     plain = [{"seconds": 1.0}, {"seconds": 1.2}, {"seconds": 1.0}]
-    # 50 verifications per request (51 draft rounds) -> a = (n - 1) / 50 = 2 tokens each.
-    always = lambda s, d: {"seconds": s, "draft_seconds": d, "draft_steps": 100,  # noqa: E731
+    # 51 draft rounds of K steps for the whole batch: 50 verifications per request, so
+    # a = (n - 1) / 50 = 2 tokens each, and every drafting step held the whole batch.
+    always = lambda s, d: {"seconds": s, "draft_seconds": d, "draft_steps": 51 * k,  # noqa: E731
                            "draft_tokens": b * 51 * k, "reused_tokens": 0}
     runs = {"vllm": plain,
             "vllm-control": [{"seconds": 1.1}, {"seconds": 1.2}, {"seconds": 0.9}],
             "layerskip/off": [{"seconds": 1.0}, {"seconds": 1.25}, {"seconds": 1.1}],
+            "layerskip/adaptive": [{"seconds": 1.0}, {"seconds": 1.0}, {"seconds": 1.0}],
             "layerskip/always": [always(0.8, 0.2)] * 3,
             "layerskip-stock-verify/always": [always(1.0, 0.2)] * 3}
     row = summarise(runs, b, k, n)
     assert row["forced_off_ratio"] == pytest.approx(0.96)  # median of 1.0, 0.96, 0.909
+    assert row["adaptive_ratio"] == pytest.approx(1.0)  # median of 1.0, 1.2, 1.0
     assert row["control_ratio"] == pytest.approx(1.0)  # median of 0.909, 1.0, 1.111
     assert row["split_accepted_length"] == pytest.approx(2.0)
+    assert row["split_batch_fill"] == pytest.approx(1.0)
     plain_step = 1.0 / n  # median round
-    assert row["split_draft_cost"] == pytest.approx(0.2 / 100 / plain_step)
-    assert row["split_verify_cost"] == pytest.approx(0.6 / 50 / plain_step)
+    assert row["split_draft_cost"] == pytest.approx(0.2 / (51 * k) / plain_step)
+    assert row["split_verify_cost"] == pytest.approx(0.6 / 51 / plain_step)
     assert row["stock_verify_cost"] > row["split_verify_cost"]
     assert row["split_speedup"] == pytest.approx(1.0 / 0.8)
     c = row["split_draft_cost"]
     assert row["split_of_ideal"] == pytest.approx(1.25 / (2.0 / (k * c + 1)))
+    # The batch took 51 verification steps where plain decoding took n = 101.
+    assert row["split_step_ideal"] == pytest.approx(n / 51 / (k * c + 1))
+    assert row["split_of_step_ideal"] == pytest.approx(1.25 / row["split_step_ideal"])
     assert "| 4 |" in to_markdown({"model": "m", "exit_layer": 1, "k": k, "dtype": "bf16",
                                    "enforce_eager": False, "max_tokens": n, "rounds": 3,
-                                   "machine": "cpu"}, [row])
+                                   "repeats": 3, "machine": "cpu"}, [row])
 
 
 def test_engine_cores_split_by_affinity_masks():
