@@ -156,7 +156,9 @@ class LayerSkipProposer(DraftModelProposer):
                 with set_forward_context(None, self.vllm_config, num_tokens=n):
                     hidden, residual = self.lower_layers(tokens, positions)
                     self.model.exit(hidden, residual)
-                    if self.reuse_exit_states:
+                    # A verification pass holds at least two tokens (a reused state and the
+                    # last draft token): the one-token upper graph would never run.
+                    if self.reuse_exit_states and n > 1:
                         self.upper_layers(positions, hidden, residual)
         self.graphs_at_warmup = compiled_graph_count()
 
