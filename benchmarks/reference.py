@@ -120,14 +120,18 @@ def data_files(args) -> list[str]:
     return files
 
 
+def schedule_flags(args) -> list[str]:
+    """The training flags every model of a comparison shares: steps, batch, seed, schedule."""
+    return ["--steps", str(args.steps), "--seq-len", str(args.seq_len),
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--lr", str(args.lr),
+            "--warmup-steps", str(max(1, args.steps // 20))]
+
+
 def train_command(args, out: Path, recipe: bool) -> list[str]:
     files = data_files(args)
     cmd = [sys.executable, "-m", "training.pretrain", "--data", *files, "--output", str(out),
            "--layers", str(args.layers), "--hidden-size", str(args.hidden_size),
-           "--vocab-size", str(args.vocab_size), "--steps", str(args.steps),
-           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-           "--seed", str(args.seed), "--lr", str(args.lr),
-           "--warmup-steps", str(max(1, args.steps // 20)), "--overwrite"]
+           "--vocab-size", str(args.vocab_size), *schedule_flags(args), "--overwrite"]
     if args.preset:
         cmd += ["--preset", args.preset]
     if not recipe:
@@ -206,6 +210,8 @@ def decode_split(model: Path, out: Path, dtype: str, timeout: float = 1800) -> d
            "per_layer_ms": round(per_layer, 3), "fixed_ms": round(fixed, 3),
            "layers_share": round(per_layer * L / t_full, 3), "batch_size": 1, "dtype": dtype}
     (out / "decode_split.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"decode step (batch 1, {dtype}): {t_full:.2f} ms, of which the decoder layers "
+          f"{res['layers_share']:.0%} and fixed cost {fixed:.2f} ms", flush=True)
     return res
 
 
@@ -232,10 +238,7 @@ def main(argv=None) -> int:
         if not args.no_eval:
             evaluate(args, ref, base, root / "reference-eval")
         if args.split:
-            split = decode_split(ref, root / "reference-eval", args.dtype)
-            print(f"decode step (batch 1, {args.dtype}): {split['step_ms_full']:.2f} ms, of which the "
-                  f"decoder layers {split['layers_share']:.0%} and fixed cost "
-                  f"{split['fixed_ms']:.2f} ms")
+            decode_split(ref, root / "reference-eval", args.dtype)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {ref}, {base}")
     return 0
 

