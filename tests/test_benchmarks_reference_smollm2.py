@@ -152,3 +152,22 @@ def test_training_failure_leaves_no_model_directory(tmp_path, tiny_gguf):
     assert "--lr must be > 0" in r.stderr
     assert reference.is_built(tmp_path / "smollm2", layerskip=False)  # the import stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
+
+
+@pytest.mark.slow
+def test_demo_build_fine_tunes_the_cached_import(tmp_path, tiny_gguf):
+    """benchmarks.demo --base smollm2's own model: the import reused, the recipe on, the
+    short calibration, the directory only once built."""
+    from argparse import Namespace
+
+    from benchmarks.reference_smollm2 import build_demo, import_base
+
+    base, out = tmp_path / "smollm2", tmp_path / "smollm2-demo"
+    import_base(tiny_gguf, base, rebuild=False)
+    stamp = (base / "config.json").stat().st_mtime_ns
+    build_demo(Namespace(steps=2, batch_size=2, seq_len=32, train_files=3), out, base)
+    assert (base / "config.json").stat().st_mtime_ns == stamp  # not imported again
+    meta = json.loads((out / "config.json").read_text())["layerskip"]
+    assert meta["training"]["steps"] == 2 and meta["recipe"]["early_exit_scale"] > 0
+    assert 0 < meta["calibration"]["heldout_sequences"] <= 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2", "smollm2-demo"]
