@@ -1,5 +1,7 @@
 """Recipe math against hand-computed values: D(l), S(t), exit scales, curricula."""
 import math
+from dataclasses import replace
+
 
 import pytest
 import torch
@@ -141,3 +143,35 @@ def test_metadata_update_keeps_the_config_files_mode(tmp_path):
     assert write_layerskip_metadata(tmp_path, {"num_speculative_tokens": 2}) == {
         "exit_layer": 1, "num_speculative_tokens": 2}
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_exit_window_limits_the_trained_exits():
+    # L = 8, no curriculum: only exits 3..5 (layer indices 2..4) and the last layer train.
+    r = Recipe(0.0, "exp", "constant", 1.0, "uniform", "none", 1, min_exit_layer=3,
+               max_exit_layer=5)
+    w = step_plan(r, 0, 10, 8).exit_weights
+    assert [i for i, x in enumerate(w) if x > 0] == [2, 3, 4, 7]
+    assert sum(w) == pytest.approx(1.0)
+    # the default window is every exit, so the paper's plan is unchanged
+    full = step_plan(replace(r, min_exit_layer=1, max_exit_layer=0), 0, 10, 8).exit_weights
+    assert all(x > 0 for x in full)
+    # with a rotational curriculum the window only removes exits, never adds one
+    rot = Recipe(0.0, "exp", "constant", 1.0, "uniform", "rotational", 4, min_exit_layer=3)
+    for t in range(8):
+        on = [x > 0 for x in step_plan(rot, t, 10, 8).exit_weights]
+        assert on == [l % 4 == t % 4 and l >= 2 or l == 7 for l in range(8)]
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"min_exit_layer": 0}, "--min-exit-layer"),
+    ({"min_exit_layer": 5, "max_exit_layer": 4}, "--max-exit-layer"),
+])
+def test_exit_window_validation(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag):
+        Recipe(**kwargs).validate()
+
+
+def test_exit_window_must_fit_the_model():
+    Recipe(min_exit_layer=7).check_depth(8)
+    with pytest.raises(ConfigError, match="--min-exit-layer must be below the model's 8 layers"):
+        Recipe(min_exit_layer=8).check_depth(8)

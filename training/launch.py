@@ -70,6 +70,7 @@ def run_training(args: argparse.Namespace, make_model: ModelFactory) -> None:
                 ckpt.remove_stale_temps(cfg.output)
         corpus = load_corpus(args)
         hf_model, tokenizer, extra = make_model(corpus, latest)
+        recipe.check_depth(hf_model.config.num_hidden_layers)
         blocks = pack_corpus(corpus, tokenizer, cfg.seq_len)  # [n, s]
         del corpus
         train_blocks, heldout = split_heldout(blocks, cfg.heldout_fraction)

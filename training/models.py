@@ -33,12 +33,13 @@ def check_model_dir(model_dir: str, flag: str = "--model") -> dict:
     return config
 
 
-def load_model(model_dir: str, flag: str = "--model"):
-    """Model (float32, safetensors only) and tokenizer from a local directory."""
+def load_model(model_dir: str, flag: str = "--model", weights: bool = True):
+    """Model (float32, safetensors only; None unless `weights`) and tokenizer from a local
+    directory."""
     check_model_dir(model_dir, flag)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True) if weights else None
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{flag}: cannot load {model_dir}: {str(exc).splitlines()[0]}") from None

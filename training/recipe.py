@@ -20,6 +20,11 @@ class Recipe:
     early_exit_scale_type: str = "sum"      # e(l): sum | linear | uniform
     curriculum: str = "rotational"          # C(t, l): rotational | gradual | none
     rotation_period: int = 8                # R for the rotational curriculum
+    # Exits the early-exit loss may train, as exit_layer values (layers run); the last layer
+    # is always trained. 1..0 = every exit (the paper); a window such as 16..26 trains only
+    # the exits a draft would use, and reads the 49k-entry head out less often.
+    min_exit_layer: int = 1
+    max_exit_layer: int = 0                 # 0 = up to the last layer
 
     def validate(self) -> "Recipe":
         if not 0.0 <= self.layer_dropout_max < 1.0:
@@ -28,6 +33,11 @@ class Recipe:
             raise ConfigError(f"--early-exit-scale must be >= 0, got {self.early_exit_scale}")
         if self.rotation_period < 1:
             raise ConfigError(f"--rotation-period must be >= 1, got {self.rotation_period}")
+        if self.min_exit_layer < 1:
+            raise ConfigError(f"--min-exit-layer must be >= 1, got {self.min_exit_layer}")
+        if self.max_exit_layer and self.max_exit_layer < self.min_exit_layer:
+            raise ConfigError(f"--max-exit-layer must be 0 (no cap) or >= --min-exit-layer "
+                              f"{self.min_exit_layer}, got {self.max_exit_layer}")
         for flag, value, allowed in (
                 ("--layer-dropout-scale", self.layer_dropout_scale, DEPTH_SCALES),
                 ("--layer-dropout-time-scale", self.layer_dropout_time_scale, TIME_SCALES),
@@ -39,6 +49,13 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check_depth(self, num_layers: int) -> "Recipe":
+        """The exit window must hold at least one exit below the last layer."""
+        if self.min_exit_layer >= num_layers:
+            raise ConfigError(f"--min-exit-layer must be below the model's {num_layers} layers, "
+                              f"got {self.min_exit_layer}")
+        return self
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
@@ -64,11 +81,20 @@ class StepPlan:
     exit_weights: list[float]   # e~(t, l) per layer index; zeros are not computed
 
 
+def in_window(enabled: list[bool], min_exit: int, max_exit: int) -> list[bool]:
+    """C(t, l) restricted to exits min_exit <= l + 1 <= max_exit (0 = no cap); the last
+    layer stays on."""
+    top = max_exit or len(enabled)
+    return [on and min_exit <= l + 1 <= top or l == len(enabled) - 1
+            for l, on in enumerate(enabled)]
+
+
 def step_plan(recipe: Recipe, step: int, total_steps: int, num_layers: int) -> StepPlan:
     probs = drop_probabilities(num_layers, step, total_steps, recipe.layer_dropout_max,
                                recipe.layer_dropout_scale, recipe.layer_dropout_time_scale)
-    enabled = enabled_exits(recipe.curriculum, step, num_layers, total_steps,
-                            recipe.rotation_period)
+    enabled = in_window(enabled_exits(recipe.curriculum, step, num_layers, total_steps,
+                                      recipe.rotation_period),
+                        recipe.min_exit_layer, recipe.max_exit_layer)
     scales = exit_scales(num_layers, recipe.early_exit_scale, recipe.early_exit_scale_type)
     return StepPlan(probs, normalized_scales(scales, enabled))
 
@@ -93,6 +119,11 @@ def add_recipe_flags(parser: argparse.ArgumentParser, default_preset: str) -> No
                    help="C(t, l), which exits are trained at each step")
     g.add_argument("--rotation-period", type=int, metavar="R",
                    help="rotational curriculum: every R-th exit is on, R >= 1")
+    g.add_argument("--min-exit-layer", type=int, metavar="E",
+                   help="train early exits from exit_layer E on (default 1: all)")
+    g.add_argument("--max-exit-layer", type=int, metavar="E",
+                   help="train early exits up to exit_layer E (default 0: all); the last "
+                        "layer is always trained")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
