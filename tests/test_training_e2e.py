@@ -82,7 +82,8 @@ def test_metadata_and_calibration(trained):
     assert 1 <= meta["exit_layer"] < 4 and 1 <= meta["num_speculative_tokens"] <= 8
     assert meta["recipe"]["early_exit_scale"] == 1.0 and meta["recipe"]["curriculum"] == "none"
     assert len(meta["calibration"]["agreement"]) == 4
-    again = recommend(meta["calibration"]["agreement"])
+    assert meta["calibration"]["head_layers"] > 0
+    again = recommend(meta["calibration"]["agreement"], head=meta["calibration"]["head_layers"])
     assert (again["exit_layer"], again["num_speculative_tokens"]) == (
         meta["exit_layer"], meta["num_speculative_tokens"])
     assert read_layerskip_metadata(root / "baseline")["recipe"]["layer_dropout_max"] == 0.0

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from training.calibrate import expected_speedup, recommend
+from training.calibrate import expected_speedup, head_layers, recommend
 from training.curriculum import enabled_exits, gradual, rotational
 from training.early_exit_loss import exit_scales, normalized_scales
 from training.errors import ConfigError
@@ -119,6 +119,27 @@ def test_expected_speedup_and_recommend():
     best = rec["calibration"]["best_expected_speedup"]
     assert best == pytest.approx(max(expected_speedup(a, e, 4, k) for e, a in ((1, .2), (2, .9), (3, .95))
                                      for k in range(1, 9)), abs=1e-4)
+
+
+def test_head_priced_in_layers():
+    # SmolLM2-135M: 49,152 x 576 head; a layer holds 576*64*(2*9 + 2*3) + 3*576*1536 weights
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
+    h = head_layers(cfg)
+    assert h == pytest.approx(49152 * 576 / (576 * 64 * 24 + 3 * 576 * 1536))
+    assert 7.5 < h < 8.5
+    # a draft through 10 of 30 layers costs (10 + H) / (30 + H) of a step, not 10/30
+    assert expected_speedup(1.0, 10, 30, 1, h) == pytest.approx(2 / ((10 + h) / (30 + h) + 1))
+    assert expected_speedup(1.0, 10, 30, 1, h) < expected_speedup(1.0, 10, 30, 1)
+    # every draft step now pays the head too: fewer draft tokens pay for themselves
+    agreement = [0.6] * 2 + [0.9] * 8 + [1.0] * 20
+    cheap, dear = recommend(agreement), recommend(agreement, head=h)
+    assert (cheap["exit_layer"], cheap["num_speculative_tokens"]) == (3, 8)
+    assert (dear["exit_layer"], dear["num_speculative_tokens"]) == (3, 5)
+    assert dear["calibration"]["best_expected_speedup"] < cheap["calibration"]["best_expected_speedup"]
+    assert dear["calibration"]["head_layers"] == round(h, 3)
+    assert "(E+H)/(L+H)" in dear["calibration"]["cost_model"]
 
 
 def test_lr_schedule():

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .calibrate import recommend
+from .calibrate import head_layers, recommend
 from .data import batch_indices
 from .distributed import DistEnv, all_reduce_mean, barrier, wrap
 from .errors import ConfigError
@@ -243,7 +243,7 @@ def finish(hf_model, model_sd: dict, tokenizer, heldout: torch.Tensor, recipe: R
     from .models import load_model
     model, _ = load_model(cfg.output, "--output")
     stats = per_exit_stats(model, heldout[: cfg.calibration_blocks].cpu())
-    rec = recommend([row["agreement"] for row in stats])
+    rec = recommend([row["agreement"] for row in stats], head=head_layers(model.config))
     rec["calibration"].update(heldout_sequences=min(len(heldout), cfg.calibration_blocks),
                               accuracy=[round(r["accuracy"], 4) for r in stats],
                               loss=[round(r["loss"], 4) for r in stats])
