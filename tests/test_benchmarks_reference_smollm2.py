@@ -62,10 +62,16 @@ def test_smollm2_defaults_and_flags():
     args = reference.parse_args(["--base", "smollm2"])
     assert (args.steps, args.batch_size, args.seq_len, args.lr) == (100, 8, 256, 1e-4)
     assert args.preset == "continual-pretraining" and args.split is False
+    assert args.exit_window == "16:26"
+    from benchmarks.reference_smollm2 import window_flags
+    assert window_flags("16:26") == ["--min-exit-layer", "16", "--max-exit-layer", "26"]
+    assert window_flags("all") == []
     scratch = reference.parse_args([])  # today's behaviour
     assert (scratch.layers, scratch.steps, scratch.lr, scratch.preset) == (12, 240, 1.5e-3, None)
     assert scratch.split is True and reference.parse_args(["--no-split"]).split is False
-    for bad in (["--base", "smollm2", "--layers", "4"], ["--gguf", "x.gguf"]):
+    for bad in (["--base", "smollm2", "--layers", "4"], ["--gguf", "x.gguf"],
+                ["--exit-window", "1:2"], ["--base", "smollm2", "--exit-window", "9:3"],
+                ["--base", "smollm2", "--exit-window", "16-26"]):
         with pytest.raises(SystemExit):
             reference.parse_args(bad)
 
@@ -90,7 +96,7 @@ def test_missing_gguf_is_one_error_and_writes_nothing(tmp_path):
 # ----- end to end on a tiny GGUF (2 layers x 128, vocabulary 512) --------------------
 
 TINY = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--train-files", "3",
-        "--eval-blocks", "2", "--no-progress"]
+        "--eval-blocks", "2", "--no-progress", "--exit-window", "1:1"]  # a 2-layer model
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +127,7 @@ def test_builds_three_models_evaluates_then_reuses(tmp_path, tiny_gguf):
     meta = json.loads((tmp_path / "smollm2-layerskip" / "config.json").read_text())["layerskip"]
     base = json.loads((tmp_path / "smollm2-baseline" / "config.json").read_text())["layerskip"]
     assert meta["recipe"]["early_exit_scale"] > 0 and meta["recipe"]["layer_dropout_max"] > 0
+    assert (meta["recipe"]["min_exit_layer"], meta["recipe"]["max_exit_layer"]) == (1, 1)
     assert meta["training"]["mode"] == "finetune" and meta["training"]["steps"] == 2
     assert meta["training"]["base_model"] == str(tmp_path / "smollm2")
     assert base["recipe"]["early_exit_scale"] == 0 and base["recipe"]["layer_dropout_max"] == 0
@@ -165,9 +172,11 @@ def test_demo_build_fine_tunes_the_cached_import(tmp_path, tiny_gguf):
     base, out = tmp_path / "smollm2", tmp_path / "smollm2-demo"
     import_base(tiny_gguf, base, rebuild=False)
     stamp = (base / "config.json").stat().st_mtime_ns
-    build_demo(Namespace(steps=2, batch_size=2, seq_len=32, train_files=3), out, base)
+    build_demo(Namespace(steps=2, batch_size=2, seq_len=32, train_files=3, exit_window="1:1"),
+               out, base)
     assert (base / "config.json").stat().st_mtime_ns == stamp  # not imported again
     meta = json.loads((out / "config.json").read_text())["layerskip"]
     assert meta["training"]["steps"] == 2 and meta["recipe"]["early_exit_scale"] > 0
+    assert meta["recipe"]["max_exit_layer"] == 1
     assert 0 < meta["calibration"]["heldout_sequences"] <= 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2", "smollm2-demo"]
