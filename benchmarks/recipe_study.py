@@ -99,9 +99,11 @@ def same_size(files: list[str], like: Path | None) -> list[str]:
 
 
 def train_variant(args, name: str, out: Path, data: list[str]) -> float | None:
+    """Minutes the training took (kept beside the model, so a cached variant reports them)."""
+    stamp = out.parent / f"{name}-train-minutes.json"
     if is_built(out):
         print(f"{out}: cached", flush=True)
-        return None
+        return json.loads(stamp.read_text()) if stamp.is_file() else None
     kind, flags = VARIANTS[name]
     cmd = [sys.executable, "-m", "training.finetune", "--model", args.base, "--data", *data,
            "--output", str(out), "--overwrite", "--preset", "continual-pretraining",
@@ -111,7 +113,9 @@ def train_variant(args, name: str, out: Path, data: list[str]) -> float | None:
     if args.no_progress:
         cmd.append("--no-progress")
     print(f"training {name}: data {kind}, flags {' '.join(flags) or '(paper)'}", flush=True)
-    return run(cmd, f"training {name}")   # the later flag wins: --lr in `flags` overrides
+    minutes = run(cmd, f"training {name}")   # the later flag wins: --lr in `flags` overrides
+    stamp.write_text(json.dumps(round(minutes, 2)))
+    return minutes
 
 
 def measure(model: Path, root: Path, name: str, eval_blocks: int) -> dict:
@@ -175,6 +179,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
                 "k--" if name == "untouched" else "-", marker=".", label=name)
     ax.set(xlabel="exit layer", ylabel="agreement with the last layer",
            title="SmolLM2-135M: exit agreement per recipe variant (held-out code)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
