@@ -169,20 +169,24 @@ def model_len(out: Path, cfg: dict, prompts: list[str], max_tokens: int) -> int:
     return min(limit, max(1024, -(-need // 256) * 256))
 
 
+def _quote(text: str, mark: str) -> str:
+    return textwrap.indent(text, mark, lambda line: True)  # blank lines keep their mark
+
+
 def show(prompts, plain, skip) -> int:
     same = 0
     for i, (p, a, b) in enumerate(zip(prompts, plain, skip), 1):
         tail = "\n".join(p.rstrip("\n").splitlines()[-4:])
         print(f"\n=== prompt {i} (last lines) " + "=" * 40)
-        print(textwrap.indent(tail, "  | "))
+        print(_quote(tail, "  | "))
         print("--- vLLM " + "-" * 30)
-        print(textwrap.indent(a, "  > "))
+        print(_quote(a, "  > "))
         if a == b:
             same += 1
             print("--- LayerSkip: identical text")
         else:
             print("--- LayerSkip (differs) " + "-" * 16)
-            print(textwrap.indent(b, "  > "))
+            print(_quote(b, "  > "))
     return same
 
 
