@@ -86,7 +86,7 @@ def distill_data(args, root: Path) -> tuple[Path, float | None]:
     return path, minutes
 
 
-def same_size(files: list[str], like: Path | None) -> list[str]:
+def same_size(files: list[str], like: Path) -> list[str]:
     """The first of `files` whose sizes add up to about the size of `like` (bytes stand in
     for tokens: both are code, in one tokenizer)."""
     budget, picked = like.stat().st_size, []
