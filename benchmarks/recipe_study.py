@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.prompts import heldout_files
-from benchmarks.reference import data_files, is_built
+from benchmarks.reference import data_files, is_built, schedule_flags
 
 CODE, DISTILL, MIX = "code", "distill", "mix"
 VARIANTS: dict[str, tuple[str, list[str]]] = {   # name -> (data, extra training flags)
@@ -107,9 +107,7 @@ def train_variant(args, name: str, out: Path, data: list[str]) -> float | None:
     kind, flags = VARIANTS[name]
     cmd = [sys.executable, "-m", "training.finetune", "--model", args.base, "--data", *data,
            "--output", str(out), "--overwrite", "--preset", "continual-pretraining",
-           "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-           "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--lr", str(args.lr),
-           "--warmup-steps", str(max(1, args.steps // 20)), "--calibration-blocks", "8", *flags]
+           *schedule_flags(args), "--calibration-blocks", "8", *flags]
     if args.no_progress:
         cmd.append("--no-progress")
     print(f"training {name}: data {kind}, flags {' '.join(flags) or '(paper)'}", flush=True)
