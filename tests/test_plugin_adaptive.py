@@ -1,5 +1,6 @@
-"""The adaptive switch: measure both modes per batch-size bucket, keep the faster, and
-re-measure the loser now and then; single slow steps do not flip it."""
+"""The adaptive switch: measure both modes per batch-size bucket, side by side, keep the
+faster, and measure both again now and then; single slow steps, a slow stretch of time and
+lopsided acceptance do not fool it."""
 
 import pytest
 
@@ -23,7 +24,7 @@ def test_buckets():
 def test_probes_both_modes_then_keeps_the_faster():
     switch = DraftSwitch(probe_steps=3, reprobe_every=1000)
     decisions = run(switch, 1, {True: 0.01, False: 0.02}, 20)
-    assert decisions[:6] == [True] * 3 + [False] * 3
+    assert decisions[:6] == [True, False] * 3  # probed in alternation
     assert all(decisions[6:])  # drafting is faster at batch 1
     decisions = run(switch, 32, {True: 0.03, False: 0.02}, 20)
     assert not any(decisions[6:])  # and slower at batch 32: switched off there only
@@ -58,6 +59,45 @@ def test_a_slow_step_now_and_then_does_not_flip_the_choice():
         spike = 20 if step % 8 == 7 else 1
         switch.record(32, drafting, cost[drafting] * spike * 10, 10)
     assert sum(decisions[12:]) == 0
+
+
+def test_lopsided_acceptance_is_priced_by_its_mean():
+    # A drafting step takes 30 ms whatever it yields; 3 of 5 steps accept everything (3
+    # tokens), 2 accept nothing (1 token): 2.2 tokens per step, 13.6 ms per token, slower
+    # than plain's 12 ms. The median of per-step ratios (10 ms) would keep drafting.
+    switch = DraftSwitch(probe_steps=5, reprobe_every=1000, window=5)
+    decisions, yields = [], iter([3, 1, 3, 1, 3] * 40)
+    for _ in range(40):
+        drafting = switch.should_draft(1)
+        decisions.append(drafting)
+        if drafting:
+            switch.record(1, True, 0.030, next(yields))
+        else:
+            switch.record(1, False, 0.012, 1)
+    assert not any(decisions[10:])
+    assert switch.summary()[1]["drafting"] == pytest.approx(0.030 / 2.2)
+
+
+def test_a_slow_stretch_during_the_probe_hits_both_modes():
+    # The machine runs at half speed for steps 6-11 (another process took a core). Probing
+    # one mode after the other would put that whole stretch on plain's probe and choose
+    # drafting, 10% slower; probed in alternation, both modes take half of it.
+    switch = DraftSwitch(probe_steps=6, reprobe_every=1000)
+    cost = {True: 0.011, False: 0.010}
+    decisions = []
+    for step in range(60):
+        drafting = switch.should_draft(1)
+        decisions.append(drafting)
+        slow = 2 if 6 <= step < 12 else 1
+        switch.record(1, drafting, cost[drafting] * slow * 10, 10)
+    assert not any(decisions[12:])
+
+
+def test_a_reprobe_measures_both_modes_again():
+    switch = DraftSwitch(probe_steps=2, reprobe_every=10, window=4)
+    decisions = run(switch, 1, {True: 0.03, False: 0.02}, 9)  # steps 1-9: plain wins
+    assert decisions == [True, False, True, False] + [False] * 5
+    assert run(switch, 1, {True: 0.03, False: 0.02}, 4) == [True, False, True, False]  # step 10
 
 
 def test_window_must_hold_the_probe():
