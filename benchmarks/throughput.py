@@ -6,6 +6,10 @@
 Every system decodes the same held-out prompts (code prefixes and natural-language
 docstring/comment openings) for the same number of new tokens (``ignore_eos``), in the same
 dtype, each in its own process (one engine at a time), warmed up, median of ``--repeats``.
+With ``--rounds N`` the whole list of systems runs N times, in reverse order every other
+round, and each figure is the median over rounds of what one round measured (a speedup is
+taken within its round): on a shared machine a slow stretch then hits one round of a
+system, not the system.
 Writes OUT (JSON), OUT.md (Markdown table) and OUT.png (chart) unless told otherwise.
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-sets", type=_sets, default=list(PROMPT_SETS))
     ap.add_argument("--systems", type=parse_systems, default=list(ALL_SYSTEMS),
                     help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every system this many times, order reversed every other round")
     ap.add_argument("--json", required=True, help="output JSON path")
     ap.add_argument("--markdown", default=None, help="default: JSON path with .md")
     ap.add_argument("--plot", default=None, help="default: JSON path with .png")
@@ -256,6 +263,25 @@ def build_rows(results: dict, costs: dict, e: int, k: int, L: int) -> list[dict]
     return rows
 
 
+def merge_rounds(per_round: list[list[dict]]) -> list[dict]:
+    """One row per system and cell from the rows of each round: every figure the median of
+    the rounds' (speedups taken within their round), the timings of all rounds."""
+    groups: dict[tuple, list[dict]] = {}
+    for rows in per_round:
+        for r in rows:
+            key = (r["system"], r["prompt_set"], r["batch_size"], r["temperature"])
+            groups.setdefault(key, []).append(r)
+    merged = []
+    for rows in groups.values():
+        row = dict(rows[0], rounds=len(rows), times_s=[t for r in rows for t in r["times_s"]])
+        for field, value in rows[0].items():
+            values = [r[field] for r in rows if isinstance(r[field], (int, float))]
+            if isinstance(value, float) and values:
+                row[field] = statistics.median(values)
+        merged.append(row)
+    return merged
+
+
 def calibration_summary(costs: dict, e: int, L: int) -> dict:
     return {str(b): {"draft_cost": round(c, 4), "layers_only_ratio": round(e / L, 4),
                      "overhead_fraction": round(ideal.overhead_fraction(c, e, L), 4)}
@@ -267,6 +293,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     check_common(args)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     e, k = resolve_spec(args.model, args.exit_layer, args.num_speculative_tokens)
     L = num_layers(args.model)
     systems = list(args.systems)
@@ -279,15 +307,24 @@ def main(argv=None) -> int:
     print(f"model {args.model}: {L} layers, exit_layer {e}, K {k}, dtype {args.dtype}, "
           f"{args.max_tokens} new tokens, batch sizes {args.batch_sizes}, "
           f"temperatures {args.temperatures}, prompts {args.prompt_sets}")
-    with tqdm(total=len(systems), desc="systems", unit="system") as bar:
-        results, errors = run_systems(args, systems, cells, e, k, work, bar)
-    costs = draft_costs(results)
-    rows = build_rows(results, costs, e, k, L)
+    per_round, errors, round_costs = [], [], []
+    with tqdm(total=len(systems) * args.rounds, desc="systems", unit="system") as bar:
+        for round_ in range(args.rounds):
+            order = systems if round_ % 2 == 0 else systems[::-1]
+            results, failed = run_systems(args, order, cells, e, k, work, bar)
+            errors += [dict(x, round=round_) for x in failed]
+            costs = draft_costs(results)
+            round_costs.append(costs)
+            per_round.append(build_rows(results, costs, e, k, L))
+    rows = merge_rounds(per_round)
+    costs = {b: statistics.median(c[b] for c in round_costs if b in c)
+             for b in {b for c in round_costs for b in c}}
     out = {"results": rows, "errors": errors,
            "settings": {"model": str(args.model), "num_layers": L, "exit_layer": e,
                         "num_speculative_tokens": k, "dtype": args.dtype,
                         "max_tokens": args.max_tokens, "repeats": args.repeats,
                         "warmup": args.warmup, "prompts_per_cell": args.prompts_per_cell,
+                        "rounds": args.rounds,
                         "batch_sizes": args.batch_sizes, "temperatures": args.temperatures,
                         "prompt_sets": args.prompt_sets, "enforce_eager": args.enforce_eager,
                         "machine": machine_info()},

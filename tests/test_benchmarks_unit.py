@@ -117,10 +117,33 @@ def test_report_renders(tmp_path):
     assert "| 1 | 2 | 256 | 0.5 |" in report.sweep_table(subset)
 
 
+def test_rounds_merge_to_medians_of_what_each_round_measured():
+    from benchmarks.throughput import merge_rounds
+
+    def row(system, tps, speedup, times):
+        return {"system": system, "prompt_set": "code", "batch_size": 1, "temperature": 0.0,
+                "tokens_per_s": tps, "speedup": speedup, "acceptance_rate": None,
+                "kv_blocks": 10, "times_s": times}
+
+    # The machine ran at half speed during round 2: plain's and LayerSkip's tokens/s halve,
+    # the speedup measured within the round stays.
+    rounds = [[row("vllm", 20.0, 1.0, [1.0]), row("layerskip", 30.0, 1.5, [0.7])],
+              [row("layerskip", 15.0, 1.5, [1.4]), row("vllm", 10.0, 1.0, [2.0])],
+              [row("vllm", 19.0, 1.0, [1.1]), row("layerskip", 26.6, 1.4, [0.8])]]
+    merged = {r["system"]: r for r in merge_rounds(rounds)}
+    assert merged["layerskip"]["speedup"] == 1.5
+    assert merged["layerskip"]["tokens_per_s"] == 26.6
+    assert merged["vllm"]["tokens_per_s"] == 19.0
+    assert merged["layerskip"]["times_s"] == [0.7, 1.4, 0.8]
+    assert merged["layerskip"]["rounds"] == 3 and merged["layerskip"]["kv_blocks"] == 10
+    assert merged["layerskip"]["acceptance_rate"] is None
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--batch-sizes", "1,x"], "--batch-sizes"),
     (["--temperatures", "-1"], "--temperatures"),
     (["--systems", "foo"], "--systems"),
+    (["--rounds", "0"], "--rounds"),
 ])
 def test_bad_flags_name_the_flag(tiny, tmp_path, argv, flag):
     r = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--model", str(tiny),
