@@ -7,13 +7,14 @@ import pytest
 from vllm_layerskip.adaptive import DraftSwitch, bucket_of
 
 
-def run(switch, batch, seconds_per_token, steps):
-    """Drive the switch with a fixed cost per generated token for each mode."""
+def run(switch, batch, seconds_per_token, steps, slowdown=lambda step: 1):
+    """Drive the switch with a fixed cost per generated token for each mode, times the
+    machine's `slowdown` at each step."""
     decisions = []
-    for _ in range(steps):
+    for step in range(steps):
         drafting = switch.should_draft(batch)
         decisions.append(drafting)
-        switch.record(batch, drafting, seconds_per_token[drafting] * 10, 10)
+        switch.record(batch, drafting, seconds_per_token[drafting] * slowdown(step) * 10, 10)
     return decisions
 
 
@@ -51,13 +52,8 @@ def test_a_slow_step_now_and_then_does_not_flip_the_choice():
     # it. A running mean hands the lead to the mode that did not take the last spike; the
     # median keeps the faster mode (plain, by 10%).
     switch = DraftSwitch(probe_steps=6, reprobe_every=1000)
-    cost = {True: 0.011, False: 0.010}
-    decisions = []
-    for step in range(200):
-        drafting = switch.should_draft(32)
-        decisions.append(drafting)
-        spike = 20 if step % 8 == 7 else 1
-        switch.record(32, drafting, cost[drafting] * spike * 10, 10)
+    decisions = run(switch, 32, {True: 0.011, False: 0.010}, 200,
+                    slowdown=lambda step: 20 if step % 8 == 7 else 1)
     assert sum(decisions[12:]) == 0
 
 
@@ -83,13 +79,8 @@ def test_a_slow_stretch_during_the_probe_hits_both_modes():
     # one mode after the other would put that whole stretch on plain's probe and choose
     # drafting, 10% slower; probed in alternation, both modes take half of it.
     switch = DraftSwitch(probe_steps=6, reprobe_every=1000)
-    cost = {True: 0.011, False: 0.010}
-    decisions = []
-    for step in range(60):
-        drafting = switch.should_draft(1)
-        decisions.append(drafting)
-        slow = 2 if 6 <= step < 12 else 1
-        switch.record(1, drafting, cost[drafting] * slow * 10, 10)
+    decisions = run(switch, 1, {True: 0.011, False: 0.010}, 60,
+                    slowdown=lambda step: 2 if 6 <= step < 12 else 1)
     assert not any(decisions[12:])
 
 
