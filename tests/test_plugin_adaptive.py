@@ -84,11 +84,22 @@ def test_a_slow_stretch_during_the_probe_hits_both_modes():
     assert not any(decisions[12:])
 
 
-def test_a_reprobe_measures_both_modes_again():
-    switch = DraftSwitch(probe_steps=2, reprobe_every=10, window=4)
-    decisions = run(switch, 1, {True: 0.03, False: 0.02}, 9)  # steps 1-9: plain wins
-    assert decisions == [True, False, True, False] + [False] * 5
-    assert run(switch, 1, {True: 0.03, False: 0.02}, 4) == [True, False, True, False]  # step 10
+def test_a_reprobe_measures_both_modes_again_and_backs_off_while_the_answer_holds():
+    switch = DraftSwitch(probe_steps=2, reprobe_every=10, window=4, max_reprobe_every=40)
+    cost = {True: 0.03, False: 0.02}
+    # Steps 1-4 probe; step 5 finds plain faster and schedules the next probe 10 steps on.
+    assert run(switch, 1, cost, 14) == [True, False, True, False] + [False] * 10
+    assert run(switch, 1, cost, 4) == [True, False, True, False]  # steps 15-18
+    decisions = run(switch, 1, cost, 200)  # steps 19-218
+    probes = [i + 19 for i, drafting in enumerate(decisions) if drafting]
+    # Same answer each time: from the end of one probe to the next, 20 steps, then 40 (the cap).
+    assert probes == [39, 41, 83, 85, 127, 129, 171, 173, 215, 217]
+    # Drafting became faster: the next probe (step 259) finds it, and a new answer is
+    # checked again 10 steps on (273), which confirms it: the gap doubles to 20 from there.
+    decisions = run(switch, 1, {True: 0.01, False: 0.02}, 60)  # steps 219-278
+    plain = [i + 219 for i, drafting in enumerate(decisions) if not drafting]
+    assert plain[-4:] == [260, 262, 274, 276]
+    assert decisions[-1] is True and switch.buckets[1].interval == 20
 
 
 def test_window_must_hold_the_probe():
@@ -96,6 +107,8 @@ def test_window_must_hold_the_probe():
 
     with pytest.raises(ValueError, match="probe_steps"):
         DraftSwitch(probe_steps=8, window=4)
+    with pytest.raises(ValueError, match="max_reprobe_every"):
+        DraftSwitch(reprobe_every=200, max_reprobe_every=100)
 
 
 def test_step_clock_times_each_step_and_skips_prefill_steps():

@@ -7,7 +7,9 @@ trade can lose. Which side of that line a batch size falls on depends on the mod
 machine and the acceptance of the current requests, so the backend measures it: per
 batch-size bucket it keeps the seconds per generated token of recent decode steps with and
 without drafts, probes each mode for a few steps, then drafts only when drafting is faster,
-and probes again now and then because acceptance drifts with the requests.
+and probes again now and then because acceptance drifts with the requests: 200 steps after
+a probe, then twice as long each time the answer stays the same (up to 1,600 steps), so
+that a mode which keeps losing costs less and less.
 
 Each mode's figure is the median step time over the mean tokens per step, from a short
 window of recent decode steps. The median because noise (a new request's prefill landing in
@@ -48,6 +50,9 @@ class _Bucket:
     window: int
     recent: dict[bool, deque] = field(default_factory=dict)  # drafting -> (seconds, tokens)
     steps: int = 0
+    choice: bool | None = None  # what the last completed probe found faster
+    interval: int = 0  # steps from the end of that probe to the next one
+    next_probe: int = 0  # step at which both modes are measured again
 
     def samples(self, drafting: bool) -> deque:
         return self.recent.setdefault(drafting, deque(maxlen=self.window))
@@ -60,11 +65,16 @@ def seconds_per_token(steps) -> float:
 
 
 class DraftSwitch:
-    def __init__(self, probe_steps: int = 6, reprobe_every: int = 200, window: int = 15):
+    def __init__(self, probe_steps: int = 6, reprobe_every: int = 200, window: int = 15,
+                 max_reprobe_every: int = 1600):
         if not 1 <= probe_steps <= window:
             raise ValueError(f"probe_steps must be between 1 and window ({window}), got {probe_steps}")
+        if max_reprobe_every < reprobe_every:
+            raise ValueError(f"max_reprobe_every must be >= reprobe_every ({reprobe_every}), "
+                             f"got {max_reprobe_every}")
         self.probe_steps = probe_steps
         self.reprobe_every = reprobe_every
+        self.max_reprobe_every = max_reprobe_every
         self.window = window
         self.buckets: dict[int, _Bucket] = {}
         self._step: tuple[float, int, bool] | None = None  # (start, batch, drafted) of the open step
@@ -101,12 +111,19 @@ class DraftSwitch:
     def should_draft(self, batch_size: int) -> bool:
         b = self._bucket(batch_size)
         b.steps += 1
-        if b.steps % self.reprobe_every == 0:
+        if b.steps == b.next_probe:
             b.recent.clear()  # acceptance drifts: measure both modes again, side by side
         counts = {mode: len(b.samples(mode)) for mode in (True, False)}
         if min(counts.values()) < self.probe_steps:  # probing: the less measured mode runs
             return counts[True] <= counts[False]
-        return seconds_per_token(b.samples(True)) <= seconds_per_token(b.samples(False))
+        faster = seconds_per_token(b.samples(True)) <= seconds_per_token(b.samples(False))
+        if b.steps >= b.next_probe:  # a probe has just ended: when to ask again
+            # The same answer as last time: wait twice as long (each probe runs the losing
+            # mode for a few steps); a new answer: ask again soon.
+            b.interval = (min(2 * b.interval, self.max_reprobe_every) if faster == b.choice
+                          else self.reprobe_every)
+            b.choice, b.next_probe = faster, b.steps + b.interval
+        return faster
 
     def summary(self) -> dict[int, dict]:
         """Per bucket: seconds per generated token with and without drafts."""
