@@ -253,6 +253,8 @@ def build_rows(results: dict, costs: dict, e: int, k: int, L: int) -> list[dict]
                 "ideal_speedup": ideal.ideal_speedup(c.get("mean_accepted_length"),
                                                      c.get("drafts_per_step") or k, cost),
                 "drafts_per_step": c.get("drafts_per_step"),
+                # verification steps that checked drafts (with the adaptive switch: how often it drafted)
+                "num_drafts": c.get("num_drafts"),
                 "draft_cost": cost,
                 "peak_memory_mb": res.get("peak_memory_mb"), "kv_blocks": res.get("kv_blocks"),
                 "exit_layer": e if system in ("vllm-draft-truncated", "layerskip",
@@ -276,7 +278,7 @@ def merge_rounds(per_round: list[list[dict]]) -> list[dict]:
         row = dict(rows[0], rounds=len(rows), times_s=[t for r in rows for t in r["times_s"]])
         for field, value in rows[0].items():
             values = [r[field] for r in rows if isinstance(r[field], (int, float))]
-            if isinstance(value, float) and values:
+            if isinstance(value, (int, float)) and values:
                 row[field] = statistics.median(values)
         merged.append(row)
     return merged
