@@ -119,3 +119,31 @@ def serving_table(rows: list[dict]) -> str:
                      f"{_fmt(r['ttft_p99_ms'], '{:.1f}')} | {_fmt(r['itl_p50_ms'], '{:.1f}')} | "
                      f"{_fmt(r['itl_p99_ms'], '{:.1f}')} | {_fmt(r.get('speedup'), '{:.2f}x')} |")
     return "\n".join(lines) + "\n"
+
+
+def serving_chart(rows: list[dict], path) -> Path:
+    """Output tokens/s and inter-token latency (p50 solid, p99 dashed) by concurrency."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tput, itl) = plt.subplots(1, 2, figsize=(10, 4))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        sub = sorted((r for r in rows if r["system"] == system), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in sub]
+        (line,) = tput.plot(xs, [r["output_tokens_per_s"] for r in sub], marker="o", label=system)
+        for field, style in (("itl_p50_ms", "-"), ("itl_p99_ms", "--")):
+            points = [(x, r[field]) for x, r in zip(xs, sub) if r[field] is not None]
+            if points:
+                itl.plot(*zip(*points), marker="o", ls=style, color=line.get_color())
+    levels = sorted({r["concurrency"] for r in rows})
+    for ax, label in ((tput, "output tokens/s"), (itl, "inter-token latency, ms (p50 -, p99 --)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+    tput.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

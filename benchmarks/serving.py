@@ -182,8 +182,10 @@ def main(argv=None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(out, indent=2) + "\n")
     json_path.with_suffix(".md").write_text(report.serving_table(rows))
+    if rows:
+        report.serving_chart(rows, json_path.with_suffix(".png"))
     print(report.serving_table(rows))
-    print(f"wrote {json_path}")
+    print(f"wrote {json_path} (and .md, .png)")
     return 1 if errors else 0
 
 

@@ -115,6 +115,9 @@ def test_report_renders(tmp_path):
     assert report.point_label(subset[0]) == "E1 v256 t0.5"
     assert report.sweep_heatmap(grid + subset, tmp_path / "h2.png").stat().st_size > 0
     assert "| 1 | 2 | 256 | 0.5 |" in report.sweep_table(subset)
+    serving = [{"system": s, "concurrency": c, "output_tokens_per_s": 10.0 * c, "itl_p50_ms": 5.0,
+                "itl_p99_ms": None if c == 8 else 9.0} for s in ("vllm", "layerskip") for c in (1, 8)]
+    assert report.serving_chart(serving, tmp_path / "s.png").stat().st_size > 0
 
 
 def test_rounds_merge_to_medians_of_what_each_round_measured():
