@@ -102,6 +102,24 @@ def test_a_reprobe_measures_both_modes_again_and_backs_off_while_the_answer_hold
     assert decisions[-1] is True and switch.buckets[1].interval == 20
 
 
+def test_a_new_bucket_takes_what_smaller_and_bigger_buckets_imply():
+    switch = DraftSwitch(probe_steps=2, reprobe_every=20)
+    assert not any(run(switch, 2, {True: 0.03, False: 0.02}, 10)[4:])  # batch 2: plain wins
+    # Nothing follows for batch 1 from batch 2's plain: it probes at once.
+    assert run(switch, 1, {True: 0.01, False: 0.02}, 2) == [True, False]
+    # Drafting lost at batch 2, so it loses at 8: no probe until the one scheduled 20 steps
+    # after the bucket's first (step 21).
+    decisions = run(switch, 8, {True: 0.01, False: 0.02}, 25)
+    assert decisions[:20] == [False] * 20 and decisions[20:24] == [True, False, True, False]
+    assert decisions[-1] is True  # measured: at this (made-up) cost drafting wins after all
+    # Batch 4 sits between batch 2's plain and batch 8's drafting: it is probed too.
+    assert run(switch, 4, {True: 0.01, False: 0.02}, 2) == [True, False]
+
+    switch = DraftSwitch(probe_steps=2, reprobe_every=20)
+    assert all(run(switch, 32, {True: 0.01, False: 0.02}, 10)[4:])  # batch 32: drafting wins
+    assert all(run(switch, 4, {True: 0.01, False: 0.02}, 20))  # so it wins at 4: no probe
+
+
 def test_window_must_hold_the_probe():
     import pytest
 

@@ -9,7 +9,9 @@ batch-size bucket it keeps the seconds per generated token of recent decode step
 without drafts, probes each mode for a few steps, then drafts only when drafting is faster,
 and probes again now and then because acceptance drifts with the requests: 200 steps after
 a probe, then twice as long each time the answer stays the same (up to 1,600 steps), so
-that a mode which keeps losing costs less and less.
+that a mode which keeps losing costs less and less. A bucket not yet measured starts from
+what the others imply where they do (drafting that loses at batch 2 loses at batch 8), so
+that a batch draining from 8 to 1 requests does not probe every bucket on its way.
 
 Each mode's figure is the median step time over the mean tokens per step, from a short
 window of recent decode steps. The median because noise (a new request's prefill landing in
@@ -114,8 +116,14 @@ class DraftSwitch:
         if b.steps == b.next_probe:
             b.recent.clear()  # acceptance drifts: measure both modes again, side by side
         counts = {mode: len(b.samples(mode)) for mode in (True, False)}
-        if min(counts.values()) < self.probe_steps:  # probing: the less measured mode runs
-            return counts[True] <= counts[False]
+        if min(counts.values()) < self.probe_steps:
+            if b.steps < b.next_probe:  # a choice taken from another bucket, not yet probed
+                return b.choice
+            if b.choice is None and (implied := self._implied(batch_size)) is not None:
+                b.choice, b.interval = implied, self.reprobe_every
+                b.next_probe = b.steps + self.reprobe_every
+                return implied
+            return counts[True] <= counts[False]  # probing: the less measured mode runs
         faster = seconds_per_token(b.samples(True)) <= seconds_per_token(b.samples(False))
         if b.steps >= b.next_probe:  # a probe has just ended: when to ask again
             # The same answer as last time: wait twice as long (each probe runs the losing
@@ -124,6 +132,18 @@ class DraftSwitch:
                           else self.reprobe_every)
             b.choice, b.next_probe = faster, b.steps + b.interval
         return faster
+
+    def _implied(self, batch_size: int) -> bool | None:
+        """What the other buckets' probes imply for a bucket not yet measured. A bigger batch
+        makes each step costlier while drafting's saving, steps not taken, stays the same:
+        drafting that lost at a batch size loses at bigger ones, and drafting that paid pays
+        at smaller ones. Saves a draining batch from probing every bucket it passes through;
+        the bucket is still probed `reprobe_every` steps later. Where the buckets imply
+        both (acceptance differs between their requests), it is probed now."""
+        bucket = bucket_of(batch_size)
+        implied = {b.choice for other, b in self.buckets.items()
+                   if (b.choice is False and other < bucket) or (b.choice is True and other > bucket)}
+        return implied.pop() if len(implied) == 1 else None
 
     def summary(self) -> dict[int, dict]:
         """Per bucket: seconds per generated token with and without drafts."""
