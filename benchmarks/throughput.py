@@ -226,7 +226,10 @@ def check_targets(rows: list[dict]) -> dict:
     return out
 
 
-def build_rows(results: dict, costs: dict, e: int, k: int, L: int) -> list[dict]:
+def build_rows(results: dict, costs: dict, e: int, k: int, L: int,
+               adaptive: bool = False) -> list[dict]:
+    """With `adaptive`, LayerSkip's ideal is the better of drafting's ideal and plain
+    decoding (1.0), since its switch may choose either."""
     base = {(c["prompt_set"], c["temperature"], c["batch_size"]): c["tokens_per_s"]
             for c in results.get("vllm", {}).get("cells", [])}
     rows = []
@@ -250,10 +253,10 @@ def build_rows(results: dict, costs: dict, e: int, k: int, L: int) -> list[dict]
                 "speedup": round(c["tokens_per_s"] / ref, 3) if ref else None,
                 "acceptance_rate": c.get("acceptance_rate"),
                 "mean_accepted_length": c.get("mean_accepted_length"),
-                "ideal_speedup": ideal.ideal_speedup(c.get("mean_accepted_length"),
-                                                     c.get("drafts_per_step") or k, cost),
+                "ideal_speedup": _ideal(system, c, k, cost, adaptive),
                 "drafts_per_step": c.get("drafts_per_step"),
-                # verification steps that checked drafts (with the adaptive switch: how often it drafted)
+                # verification steps that checked drafts, over the timed repeats (and rounds):
+                # with the adaptive switch on, how often it drafted
                 "num_drafts": c.get("num_drafts"),
                 "draft_cost": cost,
                 "peak_memory_mb": res.get("peak_memory_mb"), "kv_blocks": res.get("kv_blocks"),
@@ -265,9 +268,18 @@ def build_rows(results: dict, costs: dict, e: int, k: int, L: int) -> list[dict]
     return rows
 
 
+def _ideal(system: str, cell: dict, k: int, cost, adaptive: bool) -> float | None:
+    drafting = ideal.ideal_speedup(cell.get("mean_accepted_length"),
+                                   cell.get("drafts_per_step") or k, cost)
+    if adaptive and system == "layerskip":
+        return max(1.0, drafting or 0.0)
+    return drafting
+
+
 def merge_rounds(per_round: list[list[dict]]) -> list[dict]:
-    """One row per system and cell from the rows of each round: every figure the median of
-    the rounds' (speedups taken within their round), the timings of all rounds."""
+    """One row per system and cell from the rows of each round: the timings and draft counts
+    of all rounds, every other figure the median of the rounds' (a speedup is taken within
+    its round; whole numbers stay whole)."""
     groups: dict[tuple, list[dict]] = {}
     for rows in per_round:
         for r in rows:
@@ -278,8 +290,12 @@ def merge_rounds(per_round: list[list[dict]]) -> list[dict]:
         row = dict(rows[0], rounds=len(rows), times_s=[t for r in rows for t in r["times_s"]])
         for field, value in rows[0].items():
             values = [r[field] for r in rows if isinstance(r[field], (int, float))]
-            if isinstance(value, (int, float)) and values:
+            if field == "num_drafts" and values:
+                row[field] = sum(values)
+            elif isinstance(value, float) and values:
                 row[field] = statistics.median(values)
+            elif isinstance(value, int) and values:
+                row[field] = statistics.median_low(values)
         merged.append(row)
     return merged
 
@@ -317,7 +333,7 @@ def main(argv=None) -> int:
             errors += [dict(x, round=round_) for x in failed]
             costs = draft_costs(results)
             round_costs.append(costs)
-            per_round.append(build_rows(results, costs, e, k, L))
+            per_round.append(build_rows(results, costs, e, k, L, adaptive=not args.fixed_drafting))
     rows = merge_rounds(per_round)
     costs = {b: statistics.median(c[b] for c in round_costs if b in c)
              for b in {b for c in round_costs for b in c}}

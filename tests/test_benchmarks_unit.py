@@ -120,13 +120,26 @@ def test_report_renders(tmp_path):
     assert report.serving_chart(serving, tmp_path / "s.png").stat().st_size > 0
 
 
+def test_an_adaptive_layerskip_ideal_is_never_below_plain():
+    from benchmarks.throughput import build_rows
+
+    cell = {"prompt_set": "code", "temperature": 0.0, "batch_size": 1, "tokens_per_s": 9.0,
+            "times_s": [1.0], "mean_accepted_length": 1.5, "drafts_per_step": 2}
+    results = {"vllm": {"cells": [dict(cell, tokens_per_s=10.0, mean_accepted_length=None)]},
+               "layerskip": {"cells": [cell]}}
+    ideal_of = lambda adaptive: {r["system"]: r["ideal_speedup"] for r in
+                                 build_rows(results, {1: 0.5}, 2, 2, 4, adaptive)}["layerskip"]
+    assert ideal_of(False) == pytest.approx(0.75)  # 1.5 tokens / (2 x 0.5 + 1) steps
+    assert ideal_of(True) == 1.0  # the switch may decode plainly instead
+
+
 def test_rounds_merge_to_medians_of_what_each_round_measured():
     from benchmarks.throughput import merge_rounds
 
     def row(system, tps, speedup, times):
         return {"system": system, "prompt_set": "code", "batch_size": 1, "temperature": 0.0,
                 "tokens_per_s": tps, "speedup": speedup, "acceptance_rate": None,
-                "kv_blocks": 10, "times_s": times}
+                "kv_blocks": 10, "num_drafts": 3, "times_s": times}
 
     # The machine ran at half speed during round 2: plain's and LayerSkip's tokens/s halve,
     # the speedup measured within the round stays.
@@ -138,7 +151,9 @@ def test_rounds_merge_to_medians_of_what_each_round_measured():
     assert merged["layerskip"]["tokens_per_s"] == 26.6
     assert merged["vllm"]["tokens_per_s"] == 19.0
     assert merged["layerskip"]["times_s"] == [0.7, 1.4, 0.8]
-    assert merged["layerskip"]["rounds"] == 3 and merged["layerskip"]["kv_blocks"] == 10
+    assert merged["layerskip"]["rounds"] == 3 and merged["layerskip"]["num_drafts"] == 9
+    two = merge_rounds(rounds[:2])[0]  # the median of two rounds is their mean: not for ints
+    assert two["batch_size"] == 1 and isinstance(two["batch_size"], int) and two["kv_blocks"] == 10
     assert merged["layerskip"]["acceptance_rate"] is None
 
 
