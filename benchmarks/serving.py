@@ -49,6 +49,8 @@ def build_parser():
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--fixed-drafting", action="store_true",
+                    help="layerskip drafts every step (adaptive_drafting off)")
     ap.add_argument("--startup-timeout", type=float, default=600, help="seconds for a server to come up")
     ap.add_argument("--level-timeout", type=float, default=1200,
                     help="seconds allowed per concurrency level")
@@ -68,7 +70,8 @@ def serve_args(args, system, e, k) -> list[str]:
         cmd.append("--enforce-eager")
     if system == "layerskip":
         cmd += ["--speculative-config", json.dumps(
-            {"method": "layerskip", "exit_layer": e, "num_speculative_tokens": k})]
+            {"method": "layerskip", "exit_layer": e, "num_speculative_tokens": k,
+             "adaptive_drafting": not args.fixed_drafting})]
     return cmd
 
 
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
     out = {"results": rows, "errors": errors,
            "settings": {"model": str(args.model), "exit_layer": e, "num_speculative_tokens": k,
                         "max_tokens": args.max_tokens, "dtype": args.dtype,
-                        "prompt_set": args.prompt_set,
+                        "prompt_set": args.prompt_set, "adaptive_drafting": not args.fixed_drafting,
                         "client": "vllm bench serve" if args.client == "vllm-bench" else "benchmarks.loadgen"}}
     json_path = Path(args.json) if args.json else work / "serving.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
