@@ -5,10 +5,11 @@
 Every variant fine-tunes the untouched import (`.cache/models/smollm2`, built by
 `python -m benchmarks.reference --base smollm2`) with the same steps, batch, seed and
 schedule, changing one thing against the paper's recipe (preset continual-pretraining on
-standard-library code, lr 1e-4):
+standard-library code, lr 1e-4; window-no-dropout changes one thing against window):
 
     paper      the preset as published: every exit, rotational curriculum
     window     the early-exit loss trains exits 16..26 only (the range a draft would use)
+    window-no-dropout  window, and no layer dropout (what the dropout costs the last layer)
     distill    data: the model's own samples of training-split prompts (training.self_distill)
     mix        data: code and those samples, half and half
     low-lr     lr 5e-5
@@ -36,6 +37,8 @@ CODE, DISTILL, MIX = "code", "distill", "mix"
 VARIANTS: dict[str, tuple[str, list[str]]] = {   # name -> (data, extra training flags)
     "paper": (CODE, []),
     "window": (CODE, ["--min-exit-layer", "16", "--max-exit-layer", "26"]),
+    "window-no-dropout": (CODE, ["--min-exit-layer", "16", "--max-exit-layer", "26",
+                                 "--layer-dropout-max", "0"]),
     "distill": (DISTILL, []),
     "mix": (MIX, []),
     "low-lr": (CODE, ["--lr", "5e-5"]),
