@@ -5,7 +5,7 @@
 
 Each side is one set of trainer settings with its own copy of the model and optimizer:
 `chunk=N` (LM-head loss chunk, 0 = unchunked), `fused=0|1` (AdamW), `compile=0|1`
-(compiled decoder layers), e.g. `--side before=chunk=0,fused=0 --side after=`. The sides
+(compiled decoder layers), `compile_loss=0|1` (each loss chunk compiled), e.g. `--side before=chunk=0,fused=0 --side after=`. The sides
 run exactly the trainer's optimizer step (recipe plan, layer-dropout masks, autocast,
 LayerSkip loss, backward, clipping, AdamW) on the same batches and masks, alternated step
 by step, so that a shared machine's load hits them alike; each reports tokens/s, seconds
@@ -38,7 +38,7 @@ from training.models import load_model
 from training.recipe import PRESETS, step_plan
 from training.trainer import _dropout_generator, make_optimizer, single_step, use_bf16
 
-SIDE_DEFAULTS = {"chunk": DEFAULT_LOSS_CHUNK, "fused": 1, "compile": 0}
+SIDE_DEFAULTS = {"chunk": DEFAULT_LOSS_CHUNK, "fused": 1, "compile": 0, "compile_loss": 0}
 
 
 def parse_side(text: str) -> tuple[str, dict]:
@@ -85,7 +85,8 @@ def run_sides(args, hf_model, blocks: torch.Tensor) -> dict:
     sides = {}
     for name, s in args.sides:
         m = copy.deepcopy(hf_model).train()
-        sides[name] = (LayerSkipLM(m, loss_chunk=s["chunk"], compile_layers=bool(s["compile"])),
+        sides[name] = (LayerSkipLM(m, loss_chunk=s["chunk"], compile_layers=bool(s["compile"]),
+                                   compile_loss=bool(s["compile_loss"])),
                        make_optimizer(m.parameters(), 1e-5, 0.0, fused=bool(s["fused"])))
     times = {name: [] for name in sides}
     losses = {name: [] for name in sides}

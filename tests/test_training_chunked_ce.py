@@ -17,15 +17,16 @@ def reference_ce(x, weight, y):
     return F.cross_entropy(F.linear(x, weight).float(), y)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_linear_ce_matches_unchunked_fp32(chunk):
+@pytest.mark.parametrize("chunk,compiled", [(1, False), (7, False), (64, False), (1000, False),
+                                            (7, True), (1000, True)])
+def test_linear_ce_matches_unchunked_fp32(chunk, compiled):
     torch.manual_seed(0)
     x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 300, (50,))
     ref = reference_ce(x, w, y) * 0.7
     gx_ref, gw_ref = torch.autograd.grad(ref, (x, w))
-    out = linear_cross_entropy(x, w, y, chunk) * 0.7
+    out = linear_cross_entropy(x, w, y, chunk, compiled=compiled) * 0.7
     gx, gw = torch.autograd.grad(out, (x, w))
     # float64 throughout apart from the float32 softmax both paths share
     torch.testing.assert_close(out.double(), ref.double(), rtol=1e-6, atol=1e-6)
@@ -33,7 +34,8 @@ def test_linear_ce_matches_unchunked_fp32(chunk):
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-7)
 
 
-def test_linear_ce_matches_unchunked_under_bf16_autocast():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_ce_matches_unchunked_under_bf16_autocast(compiled):
     torch.manual_seed(1)
     x = torch.randn(96, 32, requires_grad=True)
     w = torch.randn(500, 32, requires_grad=True)
@@ -42,7 +44,7 @@ def test_linear_ce_matches_unchunked_under_bf16_autocast():
         ref = reference_ce(x, w, y)
     gx_ref, gw_ref = torch.autograd.grad(ref, (x, w))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = linear_cross_entropy(x, w, y, 40)
+        out = linear_cross_entropy(x, w, y, 40, compiled=compiled)
     gx, gw = torch.autograd.grad(out, (x, w))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # same bf16 logits, fp32 CE
@@ -51,12 +53,16 @@ def test_linear_ce_matches_unchunked_under_bf16_autocast():
     torch.testing.assert_close(gw, gw_ref, rtol=2e-2, atol=1e-4)
 
 
-def test_linear_ce_detects_a_wrong_target():
-    """The comparison has power: a shifted target gives a different loss."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_ce_detects_a_wrong_target(compiled):
+    """The comparison has power: a shifted target gives a different loss and gradient."""
     torch.manual_seed(2)
-    x, w = torch.randn(20, 8), torch.randn(50, 8)
+    x, w = torch.randn(20, 8, requires_grad=True), torch.randn(50, 8)
     y = torch.randint(0, 50, (20,))
-    assert not torch.allclose(linear_cross_entropy(x, w, (y + 1) % 50, 8), reference_ce(x, w, y))
+    wrong = linear_cross_entropy(x, w, (y + 1) % 50, 8, compiled=compiled)
+    ref = reference_ce(x, w, y)
+    assert not torch.allclose(wrong, ref)
+    assert not torch.allclose(torch.autograd.grad(wrong, x)[0], torch.autograd.grad(ref, x)[0])
 
 
 def test_linear_ce_without_grad_keeps_nothing():
@@ -79,7 +85,8 @@ def tiny_llama(tie: bool):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_layerskip_loss_and_grads_same_chunked_or_not(tie, bf16):
     """The recipe's full loss (layer dropout + weighted early exits, code-finetuning
-    preset) and every parameter gradient agree between chunk sizes and the plain path."""
+    preset) and every parameter gradient agree between chunk sizes, the compiled chunks
+    and the plain path."""
     base = tiny_llama(tie)
     ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
     plan = step_plan(PRESETS["code-finetuning"], 1, 10, 6)
@@ -87,9 +94,9 @@ def test_layerskip_loss_and_grads_same_chunked_or_not(tie, bf16):
     assert len(plan_exits) >= 2  # early exits really take part
     keep = sample_keep_mask([0.3] * 6, 4, torch.Generator().manual_seed(4))
     results = []
-    for chunk in (0, 5, 2048):
+    for chunk, compiled in ((0, False), (5, False), (2048, False), (5, True)):
         model = copy.deepcopy(base)
-        skipper = LayerSkipLM(model, loss_chunk=chunk)
+        skipper = LayerSkipLM(model, loss_chunk=chunk, compile_loss=compiled)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = skipper(ids, keep, plan.exit_weights)
         loss.backward()

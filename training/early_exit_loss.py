@@ -67,20 +67,21 @@ def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def head_ce(model: nn.Module, normed: torch.Tensor, input_ids: torch.Tensor,
-            chunk: int = 0) -> torch.Tensor:
+            chunk: int = 0, compiled: bool = False) -> torch.Tensor:
     """Next-token CE of the LM head read out of normed hidden states [b, s, d].
     chunk > 0: `chunk` tokens at a time, never holding [b, s, V] logits (same value up to
-    float rounding); chunk = 0: the plain logits-then-CE path."""
+    float rounding), each chunk a compiled graph if `compiled`; chunk = 0: the plain
+    logits-then-CE path."""
     head = model.lm_head
     if chunk <= 0 or getattr(head, "bias", None) is not None:
         return next_token_ce(head(normed), input_ids)
     x = normed[:, :-1].reshape(-1, normed.shape[-1])  # [b*(s-1), d]
-    return linear_cross_entropy(x, head.weight, input_ids[:, 1:].reshape(-1), chunk)
+    return linear_cross_entropy(x, head.weight, input_ids[:, 1:].reshape(-1), chunk, compiled)
 
 
 def early_exit_loss(model: nn.Module, exit_hidden: dict[int, torch.Tensor],
                     final_hidden: torch.Tensor, input_ids: torch.Tensor,
-                    weights: Sequence[float], chunk: int = 0
+                    weights: Sequence[float], chunk: int = 0, compiled: bool = False
                     ) -> tuple[torch.Tensor, dict[int, float]]:
     """Weighted sum of per-exit CE. `exit_hidden` maps layer index -> raw (un-normed)
     hidden state [b, s, d] for the early exits with non-zero weight; `final_hidden` is
@@ -89,11 +90,11 @@ def early_exit_loss(model: nn.Module, exit_hidden: dict[int, torch.Tensor],
     autograd keeps); chunked (chunk > 0), at most [chunk, V] and autograd keeps nothing
     of vocabulary size but the head's weight gradient."""
     last = len(weights) - 1
-    final_ce = head_ce(model, final_hidden, input_ids, chunk)
+    final_ce = head_ce(model, final_hidden, input_ids, chunk, compiled)
     total = weights[last] * final_ce
     per_exit = {last: float(final_ce.detach())}
     for layer, hidden in sorted(exit_hidden.items()):
-        ce = head_ce(model, model.model.norm(hidden), input_ids, chunk)
+        ce = head_ce(model, model.model.norm(hidden), input_ids, chunk, compiled)
         total = total + weights[layer] * ce
         per_exit[layer] = float(ce.detach())
     return total, per_exit

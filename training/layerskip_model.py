@@ -22,10 +22,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 class LayerSkipLM(nn.Module):
     def __init__(self, model: nn.Module, always_call_layers: bool = False,
-                 loss_chunk: int = DEFAULT_LOSS_CHUNK, compile_layers: bool = False):
+                 loss_chunk: int = DEFAULT_LOSS_CHUNK, compile_layers: bool = False,
+                 compile_loss: bool = False):
         super().__init__()
         self.model = model
         self.loss_chunk = loss_chunk  # tokens per LM-head chunk of the loss; 0 = unchunked
+        self.compile_loss = compile_loss  # each loss chunk a compiled graph (chunked_ce.py)
         if compile_layers:
             # Each decoder layer runs compiled, traced with a symbolic batch (layer dropout
             # runs a layer on a varying subset of rows, which would otherwise recompile);
@@ -67,5 +69,5 @@ class LayerSkipLM(nn.Module):
                 h.remove()
         loss, self.last_exit_losses = early_exit_loss(
             self.model, captured, out.last_hidden_state, input_ids, exit_weights,
-            self.loss_chunk)
+            self.loss_chunk, self.compile_loss)
         return loss
