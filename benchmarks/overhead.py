@@ -4,16 +4,18 @@
         [--batch-sizes 1,8,32] [--rounds 3] [--repeats 3] [--max-tokens 128] [--silent-upper]
         [--json OUT] [--md OUT]
 
-Four engines run the same greedy code prompts:
+Three engines run the same greedy code prompts:
 
 - ``vllm``: plain vLLM;
 - ``vllm-control``: a second plain vLLM, a check on the method: its ratio to ``vllm``
   must be 1.0 within noise; when it is not, no other ratio in the run can be trusted either;
-- ``layerskip``: drafting switched ``off`` at run time (what a configured but idle
-  LayerSkip costs: the forced-off ratio), then ``always`` (drafting every step), then
-  ``adaptive`` (the switch decides per batch-size bucket, as a user gets by default);
-- ``layerskip-stock-verify``: drafting ``always``, but verification runs the stock forward
-  over all layers (``verify_from_exit_states=False``).
+- ``layerskip``, switched at run time between its modes: drafting ``off`` (what a
+  configured but idle LayerSkip costs: the forced-off ratio); drafting ``always`` with split
+  verification (layers >= E only for tokens whose layer-E state the draft saved);
+  drafting ``always`` with the stock forward verifying over all layers
+  (``always-stock-verify``); and ``adaptive`` (the switch decides per batch-size bucket, as
+  a user gets by default). The two verification paths alternate run by run within one
+  engine life, so the machine's drift over minutes cancels from their ratio.
 
 Per batch size it reports the forced-off ratio, both drafting speedups, and the split of a
 drafting step: the draft loop's share (the worker's own clock) and the verification pass
@@ -49,12 +51,17 @@ from benchmarks.prompts import load_prompts
 from benchmarks.systems import resolve_spec, write_truncated_copy
 from benchmarks.throughput import machine_info
 
-ENGINES = {  # name -> (LayerSkip settings or None, drafting modes timed)
+ENGINES = {  # name -> (LayerSkip settings or None, modes timed)
     "vllm": (None, [None]),
     "vllm-control": (None, [None]),
-    "layerskip": ({"verify_from_exit_states": True}, ["off", "always", "adaptive"]),
-    "layerskip-stock-verify": ({"verify_from_exit_states": False}, ["always"]),
+    "layerskip": ({"verify_from_exit_states": True},
+                  ["off", "always", "always-stock-verify", "adaptive"]),
 }
+# mode -> (drafting, verification), set through the worker at run time (runner.py)
+MODES = {"off": ("off", "split"), "always": ("always", "split"),
+         "always-stock-verify": ("always", "stock"), "adaptive": ("adaptive", "split")}
+# Modes timed interleaved, repeat by repeat (their ratio is the one that needs it most).
+INTERLEAVED = ("always", "always-stock-verify")
 
 
 def start(model: str, e: int, k: int, layerskip: dict | None, max_batch: int, dtype: str,
@@ -78,7 +85,9 @@ QUIET_S = 1.5
 
 def timed_run(llm, prompts, params, mode: str | None) -> dict:
     if mode is not None:
-        llm.collective_rpc("layerskip_set_drafting", args=(mode,))
+        drafting, verification = MODES[mode]
+        llm.collective_rpc("layerskip_set_drafting", args=(drafting,))
+        llm.collective_rpc("layerskip_set_verification", args=(verification,))
         (before,) = llm.collective_rpc("layerskip_stats")
     t0 = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
@@ -139,6 +148,19 @@ class EngineProcess:
             self.process.kill()
 
 
+def mode_groups(modes: list) -> list[list]:
+    """Modes in timing order, those in INTERLEAVED as one group timed turn about."""
+    together = [m for m in modes if m in INTERLEAVED]
+    groups, placed = [], False
+    for mode in modes:
+        if mode not in together:
+            groups.append([mode])
+        elif not placed:
+            groups.append(together)
+            placed = True
+    return groups
+
+
 def median_run(timed: list[dict]) -> dict:
     """The run with the median wall time (its counters belong to the same run)."""
     return sorted(timed, key=lambda t: t["seconds"])[len(timed) // 2]
@@ -153,7 +175,7 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
            "control_ratio": med(lambda r: plain(r) / runs["vllm-control"][r]["seconds"]),
            "forced_off_ratio": med(lambda r: plain(r) / runs["layerskip/off"][r]["seconds"]),
            "adaptive_ratio": med(lambda r: plain(r) / runs["layerskip/adaptive"][r]["seconds"])}
-    for name, key in (("split", "layerskip/always"), ("stock", "layerskip-stock-verify/always")):
+    for name, key in (("split", "layerskip/always"), ("stock", "layerskip/always-stock-verify")):
         run = runs[key]
         verify_steps = lambda r: run[r]["draft_steps"] / k  # noqa: E731
         verify_cost = lambda r: ((run[r]["seconds"] - run[r]["draft_seconds"])  # noqa: E731
@@ -254,11 +276,16 @@ def main(argv=None) -> int:
                 try:
                     pinning[name] = engine.pinned
                     for b in batches:
-                        for mode in modes:
-                            engine.run(b, mode)  # warm-up: new batch shapes, lazy set-up
-                            timed = [engine.run(b, mode) for _ in range(args.repeats)]
-                            key = name if mode is None else f"{name}/{mode}"
-                            runs[b].setdefault(key, []).append(median_run(timed))
+                        for group in mode_groups(modes):
+                            for mode in group:  # warm-up: new batch shapes, lazy set-up
+                                engine.run(b, mode)
+                            timed = {mode: [] for mode in group}
+                            for i in range(args.repeats):
+                                for mode in group[:: -1 if i % 2 else 1]:
+                                    timed[mode].append(engine.run(b, mode))
+                            for mode, these in timed.items():
+                                key = name if mode is None else f"{name}/{mode}"
+                                runs[b].setdefault(key, []).append(median_run(these))
                 finally:
                     engine.close()
                 bar.update()

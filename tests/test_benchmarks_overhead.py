@@ -1,4 +1,4 @@
-"""Quick path of benchmarks.overhead: four engine lives, one after another, on a tiny model."""
+"""Quick path of benchmarks.overhead: three engine lives, one after another, on a tiny model."""
 import json
 import subprocess
 import sys
@@ -33,8 +33,21 @@ def test_overhead_reports_every_ratio(tmp_path):
     for path in ("split", "stock"):
         assert 2.5 <= row[f"{path}_accepted_length"] <= 3.0, row
     assert "| 2 |" in (tmp_path / "overhead.md").read_text()
+    # The same engine switched verification at run time: only the split runs reused states.
+    runs = json.loads(out.read_text())["runs"]["2"]
+    assert runs["layerskip/always"][0]["reused_tokens"] > 0
+    assert runs["layerskip/always-stock-verify"][0]["reused_tokens"] == 0
+    assert runs["layerskip/always-stock-verify"][0]["draft_steps"] > 0
     # Each engine's helpers were moved off its worker's core (vLLM binds the worker).
     pinning = json.loads(out.read_text())["meta"]["pinning"]
-    assert set(pinning) == {"vllm", "vllm-control", "layerskip", "layerskip-stock-verify"}
+    assert set(pinning) == {"vllm", "vllm-control", "layerskip"}
     for done in pinning.values():
         assert done["threads_pinned"] > 0 and not set(done["worker_cores"]) & set(done["other_cores"])
+
+
+def test_mode_groups_time_the_two_verification_paths_turn_about():
+    from benchmarks.overhead import ENGINES, mode_groups
+
+    assert mode_groups(ENGINES["layerskip"][1]) == [
+        ["off"], ["always", "always-stock-verify"], ["adaptive"]]
+    assert mode_groups([None]) == [[None]]

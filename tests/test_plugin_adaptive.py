@@ -143,3 +143,19 @@ def test_step_clock_times_each_step_and_skips_prefill_steps():
     switch.tokens_generated(2)
     assert switch.step(2, decode_only=True, now=10.03) is True  # plain: 0.015 s/token > 0.005
     assert switch.summary()[2]["plain"] == pytest.approx(0.03 / 2)
+
+
+@pytest.mark.parametrize("method,mode", [("layerskip_set_drafting", "sometimes"),
+                                         ("layerskip_set_verification", "fast")])
+def test_run_time_switches_name_what_is_allowed(method, mode):
+    from types import SimpleNamespace
+
+    from vllm_layerskip.runner import LayerSkipRunnerMixin, LayerSkipWorker
+
+    runner = SimpleNamespace(drafting="always", drafter=SimpleNamespace(reuse_exit_states=True))
+    worker = SimpleNamespace(model_runner=runner)
+    runner.set_drafting = lambda m: LayerSkipRunnerMixin.set_drafting(runner, m)
+    with pytest.raises(ValueError, match="mode must be one of") as err:
+        getattr(LayerSkipWorker, method)(worker, mode)
+    assert repr(mode) in str(err.value)
+    assert runner.drafting == "always" and runner.drafter.reuse_exit_states  # unchanged

@@ -37,7 +37,19 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
         counters = spec_counters(spec)
         (stats,) = spec.collective_rpc("layerskip_stats")
         dtype = spec.llm_engine.vllm_config.model_config.dtype
+        # Verification switched at run time: the stock forward verifies (nothing reused),
+        # then split verification again (reuse resumes); lossless and no compile either way.
+        assert spec.collective_rpc("layerskip_set_verification", args=("stock",)) == ["stock"]
+        assert greedy(spec, prompts) == expected
+        (stock,) = spec.collective_rpc("layerskip_stats")
+        spec.collective_rpc("layerskip_set_verification", args=("split",))
+        assert greedy(spec, prompts) == expected
+        (split,) = spec.collective_rpc("layerskip_stats")
     assert got == expected
+    assert stock["verification"] == "stock" and split["verification"] == "split"
+    assert stock["draft_tokens"] > stats["draft_tokens"]
+    assert stock["reused_tokens"] == stats["reused_tokens"] < split["reused_tokens"]
+    assert split["graphs_compiled_while_serving"] == 0
     assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
     # Verification reuses the draft's layer-E states, through the compiled upper layers.
     # (Rows drafted while their prompt was still being prefilled in chunks count as

@@ -157,8 +157,10 @@ class LayerSkipProposer(DraftModelProposer):
                     hidden, residual = self.lower_layers(tokens, positions)
                     self.model.exit(hidden, residual)
                     # A verification pass holds at least two tokens (a reused state and the
-                    # last draft token): the one-token upper graph would never run.
-                    if self.reuse_exit_states and n > 1:
+                    # last draft token): the one-token upper graph would never run. Traced
+                    # even when the stock forward verifies, so that the worker can switch to
+                    # split verification at run time without compiling mid-serving.
+                    if n > 1:
                         self.upper_layers(positions, hidden, residual)
         self.graphs_at_warmup = compiled_graph_count()
 

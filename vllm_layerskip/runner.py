@@ -219,6 +219,9 @@ class LayerSkipRunnerMixin:
         return drafter.upper_layers(positions, hidden, residual)
 
 
+VERIFICATION_MODES = ("split", "stock")
+
+
 @functools.cache
 def _runner_class(base: type) -> type:
     return type(f"LayerSkip{base.__name__}", (LayerSkipRunnerMixin, base), {})
@@ -242,6 +245,7 @@ class LayerSkipWorker(platform_worker_class()):
         # Compilations after start-up: each one stalls every request for seconds.
         stats["graphs_compiled_while_serving"] = compiled_graph_count() - drafter.graphs_at_warmup
         stats["drafting"] = self.model_runner.drafting
+        stats["verification"] = "split" if drafter.reuse_exit_states else "stock"
         stats["seconds_per_token_by_batch_bucket"] = self.model_runner.draft_switch.summary()
         return stats
 
@@ -250,6 +254,17 @@ class LayerSkipWorker(platform_worker_class()):
         /collective_rpc): "adaptive" (the switch decides per batch-size bucket), "always",
         or "off" (every step takes vLLM's non-speculative sampling path). Returns the mode."""
         self.model_runner.set_drafting(mode)
+        return mode
+
+    def layerskip_set_verification(self, mode: str) -> str:
+        """Switch verification at run time, no restart: "split" (layers >= E only for
+        drafted tokens whose layer-E state was saved; `verify_from_exit_states: true`) or
+        "stock" (the stock forward over every layer). Takes effect from the next draft.
+        Returns the mode. Lets a benchmark compare both in one engine life."""
+        if mode not in VERIFICATION_MODES:
+            raise ValueError(f"verification mode must be one of {', '.join(VERIFICATION_MODES)}, "
+                             f"got {mode!r}")
+        self.model_runner.drafter.reuse_exit_states = mode == "split"
         return mode
 
     def layerskip_weight_sharing(self) -> dict:
