@@ -288,14 +288,19 @@ def merge_rounds(per_round: list[list[dict]]) -> list[dict]:
     merged = []
     for rows in groups.values():
         row = dict(rows[0], rounds=len(rows), times_s=[t for r in rows for t in r["times_s"]])
-        for field, value in rows[0].items():
-            values = [r[field] for r in rows if isinstance(r[field], (int, float))]
-            if field == "num_drafts" and values:
+        for field in rows[0]:
+            # Rounds without a figure (None: e.g. no acceptance where nothing was drafted)
+            # do not count; a figure from any round does.
+            values = [r.get(field) for r in rows]
+            values = [v for v in values if type(v) in (int, float)]
+            if not values:
+                continue
+            if field == "num_drafts":
                 row[field] = sum(values)
-            elif isinstance(value, float) and values:
-                row[field] = statistics.median(values)
-            elif isinstance(value, int) and values:
+            elif all(type(v) is int for v in values):
                 row[field] = statistics.median_low(values)
+            else:
+                row[field] = statistics.median(values)
         merged.append(row)
     return merged
 

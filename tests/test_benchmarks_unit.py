@@ -157,6 +157,21 @@ def test_rounds_merge_to_medians_of_what_each_round_measured():
     assert merged["layerskip"]["acceptance_rate"] is None
 
 
+def test_rounds_merge_keeps_a_figure_the_first_round_lacked():
+    """A round that drafted nothing has no acceptance (None); a later round's figure counts."""
+    from benchmarks.throughput import merge_rounds
+
+    def row(acceptance, drafts):
+        return {"system": "layerskip", "prompt_set": "nl", "batch_size": 1, "temperature": 0.8,
+                "acceptance_rate": acceptance, "num_drafts": drafts, "times_s": [1.0]}
+
+    (merged,) = merge_rounds([[row(None, 0)], [row(0.5, 3)], [row(0.7, 2)]])
+    assert merged["acceptance_rate"] == pytest.approx(0.6)  # median of the rounds that drafted
+    assert merged["num_drafts"] == 5
+    (one,) = merge_rounds([[row(None, 0)], [row(0.5, 3)]])
+    assert one["acceptance_rate"] == 0.5
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--batch-sizes", "1,x"], "--batch-sizes"),
     (["--temperatures", "-1"], "--temperatures"),
