@@ -33,40 +33,33 @@ import torch
 
 
 def _chunk_loss_and_grads(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-                          scale: float, need_grad: bool):
+                          scale: float, need_grad: bool, in_place: bool = True):
     """One chunk. x [C, d], w [V, d] (both compute dtype), y [C]. Returns the chunk's
-    summed CE (float32 scalar), dloss/dx [C, d] and dloss/dW [V, d] (or Nones)."""
+    summed CE (float32 scalar), dloss/dx [C, d] and dloss/dW [V, d] (or Nones).
+    `in_place` (eager) reuses the logits buffer; without it (for the compiler) the same
+    math is written functionally."""
     logits = (x @ w.t()).float()                                   # [C, V]
     lse = torch.logsumexp(logits, dim=-1)                          # [C]
     target = logits.gather(1, y.unsqueeze(1)).squeeze(1)           # [C]
     loss_sum = (lse - target).sum()
     if not need_grad:
         return loss_sum, None, None
-    # dloss/dz = (softmax - onehot) * scale, written over the logits buffer.
-    grad = logits.sub_(lse.unsqueeze(1)).exp_()                    # softmax [C, V]
-    grad.scatter_add_(1, y.unsqueeze(1), grad.new_full((len(y), 1), -1.0))
-    grad = grad.mul_(scale).to(x.dtype)                            # [C, V]
-    return loss_sum, grad @ w, grad.t() @ x                        # [C, d], [V, d]
-
-
-def _chunk_loss_and_grads_functional(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-                                     scale: float, need_grad: bool):
-    """The same as `_chunk_loss_and_grads`, without in-place ops, for the compiler."""
-    logits = (x @ w.t()).float()                                   # [C, V]
-    lse = torch.logsumexp(logits, dim=-1)                          # [C]
-    target = logits.gather(1, y.unsqueeze(1)).squeeze(1)           # [C]
-    loss_sum = (lse - target).sum()
-    if not need_grad:
-        return loss_sum, None, None
-    is_target = torch.arange(logits.shape[1], device=y.device) == y.unsqueeze(1)  # [C, V]
-    grad = ((torch.exp(logits - lse.unsqueeze(1)) - is_target.float()) * scale).to(x.dtype)
+    # dloss/dz = (softmax - onehot) * scale
+    if in_place:
+        grad = logits.sub_(lse.unsqueeze(1)).exp_()                # softmax [C, V]
+        grad.scatter_add_(1, y.unsqueeze(1), grad.new_full((len(y), 1), -1.0))
+        grad = grad.mul_(scale)
+    else:
+        is_target = torch.arange(logits.shape[1], device=y.device) == y.unsqueeze(1)  # [C, V]
+        grad = (torch.exp(logits - lse.unsqueeze(1)) - is_target.float()) * scale
+    grad = grad.to(x.dtype)                                        # [C, V]
     return loss_sum, grad @ w, grad.t() @ x                        # [C, d], [V, d]
 
 
 @functools.cache
 def _compiled_chunk():
     # Shapes are specialised (a run has one chunk size, plus the last, smaller chunk).
-    return torch.compile(_chunk_loss_and_grads_functional)
+    return torch.compile(functools.partial(_chunk_loss_and_grads, in_place=False))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
