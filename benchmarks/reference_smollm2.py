@@ -146,6 +146,8 @@ def train(args, base: Path, out: Path, recipe: bool, extra: tuple[str, ...] = ()
     cmd += extra
     if args.no_progress:
         cmd.append("--no-progress")
+    if getattr(args, "compile", False):
+        cmd.append("--compile")
     what = f"LayerSkip recipe {args.preset}, exits {args.exit_window}" if recipe else "no recipe"
     print(f"training {out.name}: {what}, "
           f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "

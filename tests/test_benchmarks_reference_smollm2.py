@@ -63,12 +63,15 @@ def test_smollm2_defaults_and_flags():
     assert (args.steps, args.batch_size, args.seq_len, args.lr) == (100, 8, 256, 1e-4)
     assert args.preset == "continual-pretraining" and args.split is False
     assert args.exit_window == "16:26"
+    assert args.compile is True  # the long build trains compiled; scratch keeps eager
+    assert reference.parse_args(["--base", "smollm2", "--no-compile"]).compile is False
     from benchmarks.reference_smollm2 import window_flags
     assert window_flags("16:26") == ["--min-exit-layer", "16", "--max-exit-layer", "26"]
     assert window_flags("all") == []
     scratch = reference.parse_args([])  # today's behaviour
     assert (scratch.layers, scratch.steps, scratch.lr, scratch.preset) == (12, 240, 1.5e-3, None)
     assert scratch.split is True and reference.parse_args(["--no-split"]).split is False
+    assert scratch.compile is False
     for bad in (["--base", "smollm2", "--layers", "4"], ["--gguf", "x.gguf"],
                 ["--exit-window", "1:2"], ["--base", "smollm2", "--exit-window", "9:3"],
                 ["--base", "smollm2", "--exit-window", "16-26"]):
@@ -96,7 +99,8 @@ def test_missing_gguf_is_one_error_and_writes_nothing(tmp_path):
 # ----- end to end on a tiny GGUF (2 layers x 128, vocabulary 512) --------------------
 
 TINY = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--train-files", "3",
-        "--eval-blocks", "2", "--no-progress", "--exit-window", "1:1"]  # a 2-layer model
+        "--eval-blocks", "2", "--no-progress", "--exit-window", "1:1",  # a 2-layer model
+        "--no-compile"]  # tracing would take longer than these two steps
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +184,17 @@ def test_demo_build_fine_tunes_the_cached_import(tmp_path, tiny_gguf):
     assert meta["recipe"]["max_exit_layer"] == 1
     assert 0 < meta["calibration"]["heldout_sequences"] <= 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2", "smollm2-demo"]
+
+
+@pytest.mark.parametrize("compile_flag", [True, False])
+def test_training_command_passes_compile(tmp_path, monkeypatch, compile_flag):
+    from benchmarks import reference_smollm2 as smol
+
+    cmds = []
+    monkeypatch.setattr(smol.subprocess, "call", lambda cmd: cmds.append(cmd) or 1)
+    args = reference.parse_args(["--base", "smollm2", "--train-files", "2",
+                                 "--compile" if compile_flag else "--no-compile"])
+    with pytest.raises(SystemExit, match="training smollm2-layerskip failed"):
+        smol.train(args, tmp_path / "smollm2", tmp_path / "smollm2-layerskip", recipe=True)
+    (cmd,) = cmds
+    assert ("--compile" in cmd) is compile_flag
