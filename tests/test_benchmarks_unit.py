@@ -237,7 +237,7 @@ def test_overhead_summary_from_synthetic_rounds():
             "layerskip/off": [{"seconds": 1.0}, {"seconds": 1.25}, {"seconds": 1.1}],
             "layerskip/adaptive": [{"seconds": 1.0}, {"seconds": 1.0}, {"seconds": 1.0}],
             "layerskip/always": [always(0.8, 0.2)] * 3,
-            "layerskip-stock-verify/always": [always(1.0, 0.2)] * 3}
+            "layerskip/always-stock-verify": [always(1.0, 0.2)] * 3}
     row = summarise(runs, b, k, n)
     assert row["forced_off_ratio"] == pytest.approx(0.96)  # median of 1.0, 0.96, 0.909
     assert row["adaptive_ratio"] == pytest.approx(1.0)  # median of 1.0, 1.2, 1.0
