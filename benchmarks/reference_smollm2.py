@@ -146,7 +146,7 @@ def train(args, base: Path, out: Path, recipe: bool, extra: tuple[str, ...] = ()
     cmd += extra
     if args.no_progress:
         cmd.append("--no-progress")
-    if getattr(args, "compile", False):
+    if args.compile:
         cmd.append("--compile")
     what = f"LayerSkip recipe {args.preset}, exits {args.exit_window}" if recipe else "no recipe"
     print(f"training {out.name}: {what}, "
@@ -173,7 +173,8 @@ def build_demo(args, out: Path, base: Path) -> None:
                     train_files=args.train_files, seed=0, lr=DEFAULTS["lr"],
                     preset=DEFAULTS["preset"],
                     exit_window=getattr(args, "exit_window", DEFAULTS["exit_window"]),
-                    no_progress=False)
+                    no_progress=False,
+                    compile=False)  # 24 steps: tracing would eat most of what it saves
     tokens = run.steps * run.batch_size * run.seq_len
     lo, hi = (tokens / rate / 60 for rate in reversed(TRAIN_TOKENS_PER_S))
     print(f"Building the SmolLM2 demo model in {out}: {tokens:,} training tokens, about "
