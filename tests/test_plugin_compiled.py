@@ -45,11 +45,26 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
         spec.collective_rpc("layerskip_set_verification", args=("split",))
         assert greedy(spec, prompts) == expected
         (split,) = spec.collective_rpc("layerskip_stats")
+        # Drafting switched off: every step runs vLLM's non-speculative path (a step that
+        # verifies drafts still runs the speculative one: here none is left over); then
+        # drafting resumes, no restart.
+        spec.collective_rpc("layerskip_set_drafting", args=("off",))
+        assert greedy(spec, prompts) == expected
+        (off,) = spec.collective_rpc("layerskip_stats")
+        spec.collective_rpc("layerskip_set_drafting", args=("always",))
+        assert greedy(spec, prompts) == expected
+        (back,) = spec.collective_rpc("layerskip_stats")
     assert got == expected
     assert stock["verification"] == "stock" and split["verification"] == "split"
     assert stock["draft_tokens"] > stats["draft_tokens"]
     assert stock["reused_tokens"] == stats["reused_tokens"] < split["reused_tokens"]
     assert split["graphs_compiled_while_serving"] == 0
+    assert stats["plain_steps"] == split["plain_steps"] == 0  # drafting always: none plain
+    assert off["draft_tokens"] == split["draft_tokens"]
+    # 6 requests, 48 tokens each: a prefill and at least 47 decode steps, all plain.
+    assert off["plain_steps"] >= 48
+    assert back["plain_steps"] == off["plain_steps"] and back["draft_tokens"] > off["draft_tokens"]
+    assert back["graphs_compiled_while_serving"] == 0
     assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
     # Verification reuses the draft's layer-E states, through the compiled upper layers.
     # (Rows drafted while their prompt was still being prefilled in chunks count as

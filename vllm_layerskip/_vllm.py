@@ -49,7 +49,12 @@ Subclassed or called (see proposer.py and runner.py, which import them from here
   the attributes `arange`, `block_size`, `max_model_len`, `device`,
   `_enable_probabilistic_draft_probs` (draft_sample_method) and `_last_draft_probs`.
 - `CPUWorker` / `Worker` (`init_device` builds the runner) and the V1 runner's
-  `execute_model`, `_build_attention_metadata` (its second return value: the batch's
+  `execute_model(scheduler_output, intermediate_tensors)` (we decide there whether the
+  step drafts, from the `SchedulerOutput`'s `num_scheduled_tokens` and
+  `scheduled_spec_decode_tokens`; a step that neither verifies nor drafts runs with the
+  runner's `speculative_config` set to None, which every per-step branch of the 0.32
+  runner reads to choose its speculative path: `_prepare_inputs`, `_preprocess`,
+  `_build_attention_metadata`, `sample_tokens`), `_build_attention_metadata` (its second return value: the batch's
   `CommonAttentionMetadata`), `_model_forward` (documented as the override point),
   `_update_states(scheduler_output)` (`finished_req_ids`), `propose_draft_token_ids` (called
   positionally by `sample_tokens` right after sampling) and
@@ -299,6 +304,8 @@ INTERNALS: dict[str, tuple[str, ...]] = {
     "vllm.v1.sample.ops.topk_topp_sampler.TopKTopPSampler.forward_cpu":
         ("self", "logits", "generators", "k", "p"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": ("self", "grammar_output"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model":
+        ("self", "scheduler_output", "intermediate_tensors"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.take_draft_token_ids": ("self",),
     "vllm.v1.engine.core.EngineCore.post_step": ("self", "model_executed"),
     "vllm.v1.core.sched.scheduler.Scheduler.update_from_output":

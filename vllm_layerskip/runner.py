@@ -16,6 +16,7 @@ can be reused (prefill-only steps, no drafts), the stock forward runs unchanged.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import torch
 from typing_extensions import override
@@ -52,6 +53,7 @@ class LayerSkipRunnerMixin:
         self.rejection_sampler = LayerSkipRejectionSampler(
             self.sampler, self.speculative_config, self.device)
         self.engine_draft_fetches = 0  # take_draft_token_ids calls from the engine core
+        self.plain_steps = 0  # steps run on vLLM's non-speculative path
 
     @override
     def _update_states(self, scheduler_output):
@@ -79,19 +81,50 @@ class LayerSkipRunnerMixin:
                  for row in generators}
         return SeededRows(seeds, next_positions)
 
+    def _step_drafts(self, scheduler_output) -> bool:
+        """Whether this step drafts for the next one (the switch decides in adaptive mode)."""
+        scheduled = scheduler_output.num_scheduled_tokens  # req_id -> tokens this step
+        if not scheduled:
+            return False
+        if self.drafting != "adaptive":
+            return self.drafting == "always"
+        decode_only = max(scheduled.values()) <= self.num_spec_tokens + 1
+        return self.draft_switch.step(len(scheduled), decode_only)
+
+    @contextmanager
+    def _speculation_hidden(self, hidden: bool):
+        """While `hidden`, the runner sees no speculative config, so it takes vLLM's
+        non-speculative path: no spec-decode metadata, no rejection sampler, no drafter
+        call, no draft-token copies."""
+        if not hidden:
+            yield
+            return
+        config, self.speculative_config = self.speculative_config, None
+        try:
+            yield
+        finally:
+            self.speculative_config = config
+
+    @override
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        """A step that neither verifies drafts nor drafts runs as plain vLLM's step does
+        (drafting off, or the switch chose plain decoding for this batch size): what a
+        configured but idle LayerSkip costs is then only these few lines."""
+        step = self.step
+        step.drafts = self._step_drafts(scheduler_output)
+        step.plain = not step.drafts and not scheduler_output.scheduled_spec_decode_tokens
+        self.plain_steps += step.plain and bool(scheduler_output.num_scheduled_tokens)
+        with self._speculation_hidden(step.plain):
+            return super().execute_model(scheduler_output, intermediate_tensors)
+
     @override
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
                                 hidden_states, sample_hidden_states, aux_hidden_states,
                                 spec_decode_metadata, common_attn_metadata, slot_mappings):
-        """The switch decides first, so a step without drafts also skips vLLM's draft
-        bookkeeping (next-token and input preparation for the drafter)."""
-        batch = self.input_batch.num_reqs
-        decode_only = common_attn_metadata.max_query_len <= self.num_spec_tokens + 1
-        drafting = {"always": True, "off": False}.get(self.drafting)
-        if drafting is None:  # adaptive
-            drafting = self.draft_switch.step(batch, decode_only)
-        if not drafting:
-            return self.drafter.skip_round(batch)
+        """Called in every step that is not plain; drafts only if the step decided to (a
+        step that verifies the last drafts but drafts none returns an empty round)."""
+        if not self.step.drafts:
+            return self.drafter.skip_round(self.input_batch.num_reqs)
         return super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
             sample_hidden_states, aux_hidden_states, spec_decode_metadata,
@@ -121,7 +154,8 @@ class LayerSkipRunnerMixin:
     def sample_tokens(self, grammar_output):
         """The stock step, with its draft tokens attached to the output it returns, so the
         engine core needs no second message to fetch them (_vllm.py, DRAFTS_ATTR)."""
-        output = super().sample_tokens(grammar_output)
+        with self._speculation_hidden(self.step.plain):
+            output = super().sample_tokens(grammar_output)
         # Not the async-scheduling output, and never vLLM's shared empty instance.
         if isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
             setattr(output, DRAFTS_ATTR, super().take_draft_token_ids())
@@ -242,6 +276,7 @@ class LayerSkipWorker(platform_worker_class()):
         stats["compiled_draft"] = drafter.compiled_draft
         stats["live_request_states"] = self.model_runner.live_request_states()
         stats["engine_draft_fetches"] = self.model_runner.engine_draft_fetches
+        stats["plain_steps"] = self.model_runner.plain_steps
         # Compilations after start-up: each one stalls every request for seconds.
         stats["graphs_compiled_while_serving"] = compiled_graph_count() - drafter.graphs_at_warmup
         stats["drafting"] = self.model_runner.drafting

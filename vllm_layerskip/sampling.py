@@ -56,6 +56,10 @@ class StepState:
     """What the hooks of one engine step share. The runner owns it; each field is set by
     the hook that learns it and read by the hooks that run later in the same step."""
 
+    # Set when the step begins: whether it drafts, and whether it runs as plain vLLM's would
+    # (it neither verifies drafts nor drafts; runner.py).
+    drafts: bool = False
+    plain: bool = False
     # Set when attention metadata is built; read by the verification forward.
     target_batch: Any = None  # the batch's CommonAttentionMetadata
     # Set before sampling; read by the drafter: which request and seed each row belongs to.
