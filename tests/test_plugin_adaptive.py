@@ -33,7 +33,7 @@ def test_probes_both_modes_then_keeps_the_faster():
 
 
 def test_re_measures_the_loser_and_follows_a_change():
-    switch = DraftSwitch(probe_steps=3, reprobe_every=50, window=3)
+    switch = DraftSwitch(probe_steps=3, reprobe_every=50, window=3, probe_budget=1)
     assert not any(run(switch, 8, {True: 0.03, False: 0.02}, 40)[6:])
     # Acceptance went up: drafting is now the faster mode; the periodic probe finds out.
     decisions = run(switch, 8, {True: 0.01, False: 0.02}, 40)  # steps 41-80, probe at 50
@@ -85,7 +85,9 @@ def test_a_slow_stretch_during_the_probe_hits_both_modes():
 
 
 def test_a_reprobe_measures_both_modes_again_and_backs_off_while_the_answer_holds():
-    switch = DraftSwitch(probe_steps=2, reprobe_every=10, window=4, max_reprobe_every=40)
+    # probe_budget=1: probes may cost anything, the doubling alone sets the gaps.
+    switch = DraftSwitch(probe_steps=2, reprobe_every=10, window=4, max_reprobe_every=40,
+                         probe_budget=1)
     cost = {True: 0.03, False: 0.02}
     # Steps 1-4 probe; step 5 finds plain faster and schedules the next probe 10 steps on.
     assert run(switch, 1, cost, 14) == [True, False, True, False] + [False] * 10
@@ -100,6 +102,22 @@ def test_a_reprobe_measures_both_modes_again_and_backs_off_while_the_answer_hold
     plain = [i + 219 for i, drafting in enumerate(decisions) if not drafting]
     assert plain[-4:] == [260, 262, 274, 276]
     assert decisions[-1] is True and switch.buckets[1].interval == 20
+
+
+def test_a_probe_that_found_the_loser_far_slower_waits_until_its_cost_is_repaid():
+    # Drafting at 1.75x plain's seconds per token: a probe's 6 drafting steps cost 4.5
+    # steps, so at a 1% budget the next probe comes 450 steps after this one ends (step 13),
+    # not 200.
+    switch = DraftSwitch()
+    decisions = run(switch, 1, {True: 0.035, False: 0.02}, 13 + 460)
+    assert decisions[:12] == [True, False] * 6 and not any(decisions[12:462])
+    assert decisions[462:464] == [True, False]
+    # A near tie (5% slower) costs little: the plain re-probe schedule applies (200).
+    switch = DraftSwitch()
+    decisions = run(switch, 1, {True: 0.021, False: 0.02}, 13 + 210)
+    assert not any(decisions[12:212]) and decisions[212:214] == [True, False]
+    with pytest.raises(ValueError, match="probe_budget"):
+        DraftSwitch(probe_budget=0)
 
 
 def test_a_new_bucket_takes_what_smaller_and_bigger_buckets_imply():

@@ -9,7 +9,11 @@ batch-size bucket it keeps the seconds per generated token of recent decode step
 without drafts, probes each mode for a few steps, then drafts only when drafting is faster,
 and probes again now and then because acceptance drifts with the requests: 200 steps after
 a probe, then twice as long each time the answer stays the same (up to 1,600 steps), so
-that a mode which keeps losing costs less and less. A bucket not yet measured starts from
+that a mode which keeps losing costs less and less. A probe that found the losing mode far
+slower waits longer from the start: its steps in the losing mode, priced at how much slower
+that mode was, must be at most `probe_budget` (1%) of the steps until the next probe. (On
+the shipped model at batch 1 drafting ran at 0.57x of plain per token; a probe then costs
+6 x 0.75 = 4.5 steps, and repeating it every 200 steps cost 2%.) A bucket not yet measured starts from
 what the others imply where they do (drafting that loses at batch 2 loses at batch 8), so
 that a batch draining from 8 to 1 requests does not probe every bucket on its way.
 
@@ -29,6 +33,7 @@ that fell on one mode's probe alone would decide the comparison.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -68,7 +73,7 @@ def seconds_per_token(steps) -> float:
 
 class DraftSwitch:
     def __init__(self, probe_steps: int = 6, reprobe_every: int = 200, window: int = 15,
-                 max_reprobe_every: int = 1600):
+                 max_reprobe_every: int = 1600, probe_budget: float = 0.01):
         if not 1 <= probe_steps <= window:
             raise ValueError(f"probe_steps must be between 1 and window ({window}), got {probe_steps}")
         if max_reprobe_every < reprobe_every:
@@ -77,6 +82,9 @@ class DraftSwitch:
         self.probe_steps = probe_steps
         self.reprobe_every = reprobe_every
         self.max_reprobe_every = max_reprobe_every
+        if not 0 < probe_budget <= 1:
+            raise ValueError(f"probe_budget must be in (0, 1], got {probe_budget}")
+        self.probe_budget = probe_budget
         self.window = window
         self.buckets: dict[int, _Bucket] = {}
         self._step: tuple[float, int, bool] | None = None  # (start, batch, drafted) of the open step
@@ -124,14 +132,22 @@ class DraftSwitch:
                 b.next_probe = b.steps + self.reprobe_every
                 return implied
             return counts[True] <= counts[False]  # probing: the less measured mode runs
-        faster = seconds_per_token(b.samples(True)) <= seconds_per_token(b.samples(False))
+        costs = {mode: seconds_per_token(b.samples(mode)) for mode in (True, False)}
+        faster = costs[True] <= costs[False]
         if b.steps >= b.next_probe:  # a probe has just ended: when to ask again
             # The same answer as last time: wait twice as long (each probe runs the losing
-            # mode for a few steps); a new answer: ask again soon.
-            b.interval = (min(2 * b.interval, self.max_reprobe_every) if faster == b.choice
-                          else self.reprobe_every)
+            # mode for a few steps); a new answer: ask again soon. Never so soon that the
+            # probes cost more than the budget.
+            interval = (2 * b.interval if faster == b.choice else self.reprobe_every)
+            b.interval = min(max(interval, self._repaid_after(costs)), self.max_reprobe_every)
             b.choice, b.next_probe = faster, b.steps + b.interval
         return faster
+
+    def _repaid_after(self, costs: dict[bool, float]) -> int:
+        """Steps between probes at which the losing mode's probe steps, priced at how much
+        slower per token it ran, are `probe_budget` of the time."""
+        slower = max(costs.values()) / min(costs.values()) - 1
+        return math.ceil(self.probe_steps * slower / self.probe_budget)
 
     def _implied(self, batch_size: int) -> bool | None:
         """What the other buckets' probes imply for a bucket not yet measured. A bigger batch
