@@ -299,7 +299,9 @@ def main(argv=None) -> int:
             "rounds": args.rounds,
             "repeats": args.repeats, "engine_lives": "one engine alive at a time",
             "pinning": pinning,
-            "machine": f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"}
+            "machine": f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"
+                       + "".join(f", {k}={machine[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD")
+                                 if k in machine)}
     md = to_markdown(meta, rows)
     print(md)
     if args.json:

@@ -389,6 +389,11 @@ def machine_info() -> dict:
             info["gpu"] = torch.cuda.get_device_name(0)
     except Exception:
         pass
+    # Process-wide settings that change every engine's speed (huge pages, a preloaded
+    # allocator or OpenMP): recorded so that figures taken with and without them are not mixed.
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD"):
+        if os.environ.get(name):
+            info[name] = os.environ[name]
     return info
 
 

@@ -338,3 +338,23 @@ def test_train_speed_sides_compute_the_same_step(tmp_path):
     assert all(s["tokens_per_s"] > 0 and len(s["step_times"]) == 2 for s in sides.values())
     with pytest.raises(ConfigError, match="--side x"):
         train_speed.parse_side("x=chunks=3")
+
+
+def test_step_profile_reports_milliseconds_per_engine_step_per_hook():
+    from benchmarks.step_profile import summarise
+
+    def run(wall, steps, forward, propose=None):
+        hooks = {"runner.execute_model": (wall * 0.9, steps), "runner._model_forward": (forward, steps)}
+        if propose is not None:
+            hooks["drafter.propose"] = (propose, steps)
+        return {"seconds": wall, "hooks": hooks}
+
+    runs = {"off": [run(1.0, 100, 0.8), run(1.2, 100, 0.9), run(1.1, 100, 0.85)],
+            "always": [run(0.6, 30, 0.4, 0.15), run(0.9, 30, 0.5, 0.21), run(0.7, 30, 0.45, 0.18)]}
+    rows = {row["hook"]: row for row in summarise(runs)}
+    assert rows["wall time"]["off"] == pytest.approx(11.0)  # median of 10, 12, 11 ms per step
+    assert rows["wall time"]["always"] == pytest.approx(0.7 / 30 * 1e3)
+    assert rows["runner._model_forward"]["off"] == pytest.approx(8.5)
+    assert rows["drafter.propose"]["always"] == pytest.approx(6.0)
+    assert rows["drafter.propose"]["off"] == 0 and rows["drafter.propose"]["off calls"] == 0
+    assert rows["drafter.propose"]["always calls"] == 1.0

@@ -334,6 +334,8 @@ INTERNALS: dict[str, tuple[str, ...]] = {
 
 # Dataclass fields we read or construct with.
 FIELDS: dict[str, tuple[str, ...]] = {
+    "vllm.v1.core.sched.output.SchedulerOutput":
+        ("num_scheduled_tokens", "scheduled_spec_decode_tokens"),
     "vllm.v1.attention.backend.CommonAttentionMetadata":
         ("query_start_loc", "query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound",
          "num_reqs", "num_actual_tokens", "max_query_len", "max_seq_len",
