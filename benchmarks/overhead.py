@@ -49,7 +49,7 @@ from benchmarks.affinity import pin_engine_processes
 from benchmarks.ideal import ideal_speedup
 from benchmarks.prompts import load_prompts
 from benchmarks.systems import resolve_spec, write_truncated_copy
-from benchmarks.throughput import machine_info
+from benchmarks.machine import describe, machine_info, write_results
 
 ENGINES = {  # name -> (LayerSkip settings or None, modes timed)
     "vllm": (None, [None]),
@@ -292,24 +292,15 @@ def main(argv=None) -> int:
     rows = [summarise(runs[b], b, k, args.max_tokens) for b in batches]
     for row in rows:
         print(json.dumps(row), flush=True)
-    machine = machine_info()
     meta = {"model": args.model, "silent_upper": args.silent_upper, "exit_layer": e, "k": k,
             "dtype": args.dtype,
             "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
             "rounds": args.rounds,
             "repeats": args.repeats, "engine_lives": "one engine alive at a time",
             "pinning": pinning,
-            "machine": f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"
-                       + "".join(f", {k}={machine[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD")
-                                 if k in machine)}
+            "machine": describe(machine_info())}
     md = to_markdown(meta, rows)
-    print(md)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2) + "\n")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(md)
+    write_results({"meta": meta, "rows": rows, "runs": runs}, md, args.json, args.md)
     return 0
 
 

@@ -19,7 +19,6 @@ looked up by name; a name missing in the installed vLLM is skipped, not an error
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from benchmarks.overhead import MODES
 from benchmarks.prompts import load_prompts
 from benchmarks.systems import resolve_spec
-from benchmarks.throughput import machine_info
+from benchmarks.machine import describe, machine_info, write_results
 
 # (object path from the worker, attribute) -> row name
 HOOKS = {
@@ -180,21 +179,12 @@ def main(argv=None) -> int:
                 tables[b], raw[b] = summarise(runs), runs
     finally:
         llm.llm_engine.engine_core.shutdown()
-    machine = machine_info()
     meta = {"model": args.model, "exit_layer": e, "k": k, "dtype": args.dtype,
             "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
             "repeats": args.repeats,
-            "machine": f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"
-                       + "".join(f", {k}={machine[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD")
-                                 if k in machine)}
+            "machine": describe(machine_info())}
     md = to_markdown(meta, tables, modes)
-    print(md)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "tables": tables, "runs": raw}, indent=2) + "\n")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(md)
+    write_results({"meta": meta, "tables": tables, "runs": raw}, md, args.json, args.md)
     return 0
 
 

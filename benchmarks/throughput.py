@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmarks import ideal, report
+from benchmarks.machine import machine_info
 from benchmarks.prompts import PROMPT_SETS, load_prompts
 from benchmarks.runner import WorkerError, default_work_dir, run_worker
 from benchmarks.systems import (ALL_SYSTEMS, HF_SYSTEMS, drafting_mode, hf_generate_kwargs,
@@ -368,33 +368,6 @@ def main(argv=None) -> int:
         print("failed: " + "; ".join(f"{x['system']}: {x['error']}" for x in errors), file=sys.stderr)
         return 1
     return 0
-
-
-def machine_info() -> dict:
-    import os
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        if names:
-            info["processor"] = names[0]
-    except OSError:
-        pass
-    try:
-        import torch
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    # Process-wide settings that change every engine's speed (huge pages, a preloaded
-    # allocator or OpenMP): recorded so that figures taken with and without them are not mixed.
-    for name in ("GLIBC_TUNABLES", "LD_PRELOAD"):
-        if os.environ.get(name):
-            info[name] = os.environ[name]
-    return info
 
 
 if __name__ == "__main__":

@@ -51,3 +51,25 @@ def test_mode_groups_time_the_two_verification_paths_turn_about():
     assert mode_groups(ENGINES["layerskip"][1]) == [
         ["off"], ["always", "always-stock-verify"], ["adaptive"]]
     assert mode_groups([None]) == [[None]]
+
+
+def test_step_profile_times_each_hook_and_idle_steps_skip_the_speculative_path(tmp_path):
+    model = build_tiny_model(tmp_path / "tiny", layers=4, hidden=64, vocab_size=512)
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, "-m", "benchmarks.step_profile", "--model", str(model),
+           "--exit-layer", "2", "--num-speculative-tokens", "2", "--batch-sizes", "2",
+           "--repeats", "1", "--max-tokens", "16", "--enforce-eager", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["hook"]: row for row in json.loads(out.read_text())["tables"]["2"]}
+    for mode in ("off", "always", "always-stock-verify"):
+        assert rows["wall time"][mode] > 0 and rows["runner.execute_model"][f"{mode} calls"] == 1
+        # Drafting: (nearly) every step drafts; not the steps whose requests all finished.
+        assert (rows["drafter.propose"][f"{mode} calls"] == 0) == (mode == "off")
+    # Drafting off: vLLM's non-speculative path, no spec-decode metadata, no rejection sampler.
+    assert rows["runner._calc_spec_decode_metadata"]["off calls"] == 0
+    assert rows["rejection_sampler.forward"]["off calls"] == 0
+    assert rows["runner._calc_spec_decode_metadata"]["always calls"] > 0
+    # Only split verification runs the upper half on its own.
+    assert rows["drafter.upper_layers"]["always calls"] > 0
+    assert rows["drafter.upper_layers"]["always-stock-verify calls"] == 0
