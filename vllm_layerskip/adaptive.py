@@ -13,9 +13,9 @@ that a mode which keeps losing costs less and less. A probe that found the losin
 slower waits longer from the start: its steps in the losing mode, priced at how much slower
 that mode was, must be at most `probe_budget` (1%) of the steps until the next probe. (On
 the shipped model at batch 1 drafting ran at 0.57x of plain per token; a probe then costs
-6 x 0.75 = 4.5 steps, and repeating it every 200 steps cost 2%.) A bucket not yet measured starts from
-what the others imply where they do (drafting that loses at batch 2 loses at batch 8), so
-that a batch draining from 8 to 1 requests does not probe every bucket on its way.
+6 x 0.75 = 4.5 steps, about 2% of 200.) A bucket not yet measured starts from what the
+others imply where they do (drafting that loses at batch 2 loses at batch 8), so that a
+batch draining from 8 to 1 requests does not probe every bucket on its way.
 
 Each mode's figure is the median step time over the mean tokens per step, from a short
 window of recent decode steps. The median because noise (a new request's prefill landing in
