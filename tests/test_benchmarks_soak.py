@@ -38,7 +38,10 @@ def test_soak_short(llama_dir, tmp_path):
     assert report["checks"]["layerskip.no_live_request_state"] is True
     load = report["load"]
     assert load["long_prompts"] > 0 and load["shared_prefix_prompts"] > 0
-    assert all(p["peak_streams"] == 64 for s in report["servers"].values() for p in s["passes"])
+    # The load ran at its concurrency. Not exactly 64 in every pass: a stream can end (a bad
+    # request is refused at once) before the 64th opens; plain vLLM peaked at 63 once.
+    assert all(p["peak_streams"] >= 60 for s in report["servers"].values() for p in s["passes"])
+    assert max(p["peak_streams"] for s in report["servers"].values() for p in s["passes"]) == 64
     # the servers are gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(llama_dir) not in ps
