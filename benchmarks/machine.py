@@ -6,9 +6,10 @@ import os
 import platform
 from pathlib import Path
 
-# Process-wide settings that change every engine's speed (huge pages, a preloaded allocator
-# or OpenMP): recorded so that figures taken with and without them are not mixed.
-SPEED_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD")
+# Process-wide settings that change every engine's speed or memory (huge pages, a preloaded
+# allocator or OpenMP, oneDNN's primitive cache): recorded so that figures taken with and
+# without them are not mixed.
+SPEED_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
 
 def machine_info() -> dict:

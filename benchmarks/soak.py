@@ -68,6 +68,12 @@ def build_parser():
                     help="KV cache blocks (default: 2 max-length requests' worth)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--memory-tolerance", type=float, default=soak_report.MEMORY_TOLERANCE)
+    ap.add_argument("--onednn-primitive-cache", type=int, default=None, metavar="N",
+                    help="capacity of oneDNN's primitive cache in both servers "
+                         "(ONEDNN_PRIMITIVE_CACHE_CAPACITY; default: the environment's, else "
+                         "oneDNN's 1024). vLLM-CPU's matmuls cache one primitive per new token "
+                         "count, so memory rises until the cache is full; a small cap lets a "
+                         "short soak tell a leak from that warm-up (README, soak section)")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--pass-timeout", type=float, default=1200)
@@ -82,6 +88,8 @@ def validate(args) -> None:
                  "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.onednn_primitive_cache is not None and args.onednn_primitive_cache < 0:
+        raise SystemExit("--onednn-primitive-cache must be >= 0")
     if not 0 <= args.abort_fraction <= 1 or args.bad_repeats < 0:
         raise SystemExit("--abort-fraction must be in [0, 1] and --bad-repeats >= 0")
     if args.max_tokens + 64 > args.max_model_len:
@@ -173,12 +181,19 @@ def _memory_section(memory: dict, alive: bool) -> dict:
             "by_process": {k: {p: round(m, 1) for p, m in v.items()} for k, v in memory.items()}}
 
 
+def server_env(args) -> dict[str, str]:
+    env = dict(SERVER_ENV)
+    if args.onednn_primitive_cache is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_primitive_cache)
+    return env
+
+
 def soak_server(args, system, e, k, loads, work: Path) -> dict:
     """Start one server, warm it up, send the load twice; everything the checks need."""
     load, warm = loads
     model = str(args.model)
     with server.running_server(model, serve_args(args, system, e, k), work / f"serve-{system}.log",
-                               args.startup_timeout, env=SERVER_ENV) as srv:
+                               args.startup_timeout, env=server_env(args)) as srv:
         r = _load_passes(args, srv, model, loads, system)
         runs = r["runs"]
         section = {
@@ -245,6 +260,8 @@ def make_report(args, e, k, load, settings, servers, wall_s) -> dict:
     for name, s in servers.items():
         if s.get("started") and not s.get("alive_at_end"):
             notes.append(f"the {name} server died during the load: {_death(s['log'])}")
+    if args.onednn_primitive_cache is not None:
+        notes.append(f"oneDNN primitive cache capped at {args.onednn_primitive_cache} in both servers")
     left_out = [x for x in KIND_WEIGHTS if x not in args.kinds]
     if left_out:
         notes.append(f"request kinds left out of the load: {', '.join(left_out)}")
