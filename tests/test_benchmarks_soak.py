@@ -110,3 +110,16 @@ def test_metrics_parse_and_checks():
                                                          "no_live_request_state"))
     s["memory_mib"]["after_load"] = 110.0
     assert server_checks(s, planned_aborts=1)["memory_stable"] is False
+
+
+def test_onednn_cache_option_reaches_both_servers_and_rejects_negatives(llama_dir):
+    from benchmarks.soak import build_parser, server_env, validate
+
+    args = build_parser().parse_args(["--model", str(llama_dir), "--onednn-primitive-cache", "64"])
+    validate(args)
+    assert server_env(args)["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    default = build_parser().parse_args(["--model", str(llama_dir)])
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in server_env(default)
+    bad = build_parser().parse_args(["--model", str(llama_dir), "--onednn-primitive-cache", "-1"])
+    with pytest.raises(SystemExit, match="--onednn-primitive-cache"):
+        validate(bad)
