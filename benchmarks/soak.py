@@ -261,7 +261,8 @@ def make_report(args, e, k, load, settings, servers, wall_s) -> dict:
         if s.get("started") and not s.get("alive_at_end"):
             notes.append(f"the {name} server died during the load: {_death(s['log'])}")
     if args.onednn_primitive_cache is not None:
-        notes.append(f"oneDNN primitive cache capped at {args.onednn_primitive_cache} in both servers")
+        notes.append(f"oneDNN primitive cache capped at {args.onednn_primitive_cache} "
+                     "in both servers")
     left_out = [x for x in KIND_WEIGHTS if x not in args.kinds]
     if left_out:
         notes.append(f"request kinds left out of the load: {', '.join(left_out)}")

@@ -39,8 +39,8 @@ def growth_after_second_pass(llm) -> float:
     rss = []
     for n in range(PASSES):
         rnd = random.Random(n)
-        prompts = [{"prompt_token_ids": [rnd.randrange(10, 400) for _ in range(rnd.randrange(8, 120))]}
-                   for _ in range(64)]
+        lengths = [rnd.randrange(8, 120) for _ in range(64)]
+        prompts = [{"prompt_token_ids": [rnd.randrange(10, 400) for _ in range(n)]} for n in lengths]
         llm.generate(prompts, params, use_tqdm=False)
         rss.append(worker_rss_mib())
     return rss[-1] - rss[1]

@@ -55,8 +55,8 @@ Subclassed or called (see proposer.py and runner.py, which import them from here
   runner's `speculative_config` set to None, which every per-step branch of the 0.32
   runner reads to choose its speculative path: `_prepare_inputs`, `_preprocess`,
   `_build_attention_metadata`, `sample_tokens`), `_build_attention_metadata` (its second
-  return value: the batch's `CommonAttentionMetadata`), `_model_forward` (documented as the override point),
-  `_update_states(scheduler_output)` (`finished_req_ids`), `propose_draft_token_ids` (called
+  return value: the batch's `CommonAttentionMetadata`), `_model_forward` (documented as the
+  override point), `_update_states(scheduler_output)` (`finished_req_ids`), `propose_draft_token_ids` (called
   positionally by `sample_tokens` right after sampling) and
   `_sample(logits, spec_decode_metadata)`; its attributes `num_spec_tokens`, `sampler` (whose
   `topk_topp_sampler` draws the noise), `rejection_sampler` (replaced by ours),
