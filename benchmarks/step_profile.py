@@ -11,7 +11,8 @@ in the worker process (`collective_rpc`), drafting `off`, `always` (split verifi
 `always-stock-verify` timed turn about, run by run. Per mode it reports milliseconds per
 engine step spent in each hook (the median over runs) and the calls per step, next to the
 wall time per step. The hooks nest (`execute_model` holds `_model_forward`, which holds the
-verification's `lower_layers` and `upper_layers`), so the rows do not add up; differences between the two columns are what drafting costs where.
+verification's `lower_layers` and `upper_layers`), so the rows do not add up; differences
+between the two columns are what drafting costs where.
 
 The hooks are vLLM runner internals (vLLM 0.32's V1 model runner) and our drafter's methods,
 looked up by name; a name missing in the installed vLLM is skipped, not an error.
