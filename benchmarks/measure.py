@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.affinity import pin_engine_processes
+from benchmarks.runner import engine_layout
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")
@@ -78,13 +79,9 @@ def _timed(fn, warmup: int, repeats: int) -> list[float]:
 
 def run_vllm(spec: dict) -> dict:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    if spec.get("in_process"):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    kw = {**spec["engine"], **engine_layout(spec.get("in_process", False))}
     from vllm import LLM, SamplingParams
 
-    kw = dict(spec["engine"])
-    if spec.get("in_process"):
-        kw["distributed_executor_backend"] = "uni"
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0

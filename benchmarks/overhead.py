@@ -48,6 +48,7 @@ from tqdm import tqdm
 from benchmarks.affinity import pin_engine_processes
 from benchmarks.ideal import ideal_speedup
 from benchmarks.prompts import load_prompts
+from benchmarks.runner import engine_layout
 from benchmarks.systems import resolve_spec, write_truncated_copy
 from benchmarks.machine import describe, machine_info, write_results
 
@@ -65,11 +66,12 @@ INTERLEAVED = ("always", "always-stock-verify")
 
 
 def start(model: str, e: int, k: int, layerskip: dict | None, max_batch: int, dtype: str,
-          enforce_eager: bool):
+          enforce_eager: bool, in_process: bool):
+    kw = dict(model=model, dtype=dtype, max_model_len=1024, max_num_seqs=max_batch, seed=0,
+              enforce_eager=enforce_eager, kv_cache_memory_bytes=1 << 30,
+              **engine_layout(in_process))
     from vllm import LLM
 
-    kw = dict(model=model, dtype=dtype, max_model_len=1024, max_num_seqs=max_batch, seed=0,
-              enforce_eager=enforce_eager, kv_cache_memory_bytes=1 << 30)
     if layerskip is not None:
         kw["speculative_config"] = {"method": "layerskip", "exit_layer": e,
                                     "num_speculative_tokens": k, "adaptive_drafting": False,
@@ -250,6 +252,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--in-process-engine", action="store_true",
+                   help="engine core and worker in the engine-life process (faster start; "
+                        "for smoke tests: no worker process to pin)")
     p.add_argument("--silent-upper", action="store_true",
                    help="run on a copy whose layers >= E add nothing (output projections "
                         "zeroed, same cost): every draft is accepted, so the ideal is exact")
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
                                               silence_upper=True).resolve())
     batches = [int(x) for x in args.batch_sizes.split(",")]
     engine_args = lambda layerskip: (args.model, e, k, layerskip, max(batches),  # noqa: E731
-                                     args.dtype, args.enforce_eager)
+                                     args.dtype, args.enforce_eager, args.in_process_engine)
     # runs[batch][engine/mode]: one entry per round, the median of that engine life's repeats.
     runs: dict[int, dict[str, list]] = {b: {} for b in batches}
     pinning: dict[str, dict] = {}
@@ -294,8 +299,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     meta = {"model": args.model, "silent_upper": args.silent_upper, "exit_layer": e, "k": k,
             "dtype": args.dtype,
-            "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
-            "rounds": args.rounds,
+            "enforce_eager": args.enforce_eager, "in_process_engine": args.in_process_engine,
+            "max_tokens": args.max_tokens, "rounds": args.rounds,
             "repeats": args.repeats, "engine_lives": "one engine alive at a time",
             "pinning": pinning,
             "machine": describe(machine_info())}

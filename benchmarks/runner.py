@@ -59,6 +59,18 @@ def log_tail(path, n: int = 25) -> str:
     return "\n".join(lines[-n:])
 
 
+def engine_layout(in_process: bool) -> dict:
+    """`LLM(...)` keyword arguments for where the engine runs. In process: the engine core
+    and its one worker run in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` and
+    the `uni` executor). Each spawned process re-imports vLLM (~17 s on 2 cores), so this
+    starts ~35 s sooner; for smoke tests, as there is no worker process to pin and no
+    inter-process hop to time. Otherwise vLLM's default layout, which users run: nothing set."""
+    if not in_process:
+        return {}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return {"distributed_executor_backend": "uni"}
+
+
 class WorkerError(RuntimeError):
     pass
 

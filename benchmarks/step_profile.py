@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from benchmarks.overhead import MODES
 from benchmarks.prompts import load_prompts
+from benchmarks.runner import engine_layout
 from benchmarks.systems import resolve_spec
 from benchmarks.machine import describe, machine_info, write_results
 
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--in-process-engine", action="store_true",
+                   help="engine core and worker in this process (faster start; smoke tests)")
     p.add_argument("--json", type=Path)
     p.add_argument("--md", type=Path)
     args = p.parse_args(argv)
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=max(batches),
               seed=0, enforce_eager=args.enforce_eager, kv_cache_memory_bytes=1 << 30,
               speculative_config={"method": "layerskip", "exit_layer": e,
-                                  "num_speculative_tokens": k, "adaptive_drafting": False})
+                                  "num_speculative_tokens": k, "adaptive_drafting": False},
+              **engine_layout(args.in_process_engine))
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
                             min_tokens=args.max_tokens, ignore_eos=True)
     prompts = load_prompts("code", max(batches))
@@ -181,8 +185,8 @@ def main(argv=None) -> int:
     finally:
         llm.llm_engine.engine_core.shutdown()
     meta = {"model": args.model, "exit_layer": e, "k": k, "dtype": args.dtype,
-            "enforce_eager": args.enforce_eager, "max_tokens": args.max_tokens,
-            "repeats": args.repeats,
+            "enforce_eager": args.enforce_eager, "in_process_engine": args.in_process_engine,
+            "max_tokens": args.max_tokens, "repeats": args.repeats,
             "machine": describe(machine_info())}
     md = to_markdown(meta, tables, modes)
     write_results({"meta": meta, "tables": tables, "runs": raw}, md, args.json, args.md)

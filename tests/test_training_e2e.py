@@ -126,7 +126,9 @@ def test_checkpoint_loads_in_vllm_and_generates(trained, tmp_path):
     root, _ = trained
     script = tmp_path / "vllm_generate.py"
     script.write_text(VLLM_SCRIPT)
-    env = {**_env(2), "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # Engine core and worker in the script's process: each spawned process re-imports vLLM.
+    env = {**_env(2), "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.Popen([sys.executable, str(script), str(root / "recipe")], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
