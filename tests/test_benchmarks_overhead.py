@@ -15,9 +15,8 @@ def test_overhead_reports_every_ratio(tmp_path):
     out = tmp_path / "overhead.json"
     cmd = [sys.executable, "-m", "benchmarks.overhead", "--model", str(model), "--exit-layer", "2",
            "--num-speculative-tokens", "2", "--batch-sizes", "2", "--rounds", "1",
-           "--max-tokens", "24", "--enforce-eager", "--in-process-engine", "--silent-upper", "--work-dir", str(tmp_path),
-           "--json", str(out),
-           "--md", str(tmp_path / "overhead.md")]
+           "--max-tokens", "24", "--enforce-eager", "--in-process-engine", "--silent-upper",
+           "--work-dir", str(tmp_path), "--json", str(out), "--md", str(tmp_path / "overhead.md")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
