@@ -26,9 +26,20 @@ than the mean, and the median of per-step ratios would credit drafting with its
 full-acceptance steps (on SmolLM2 at batch 1 it put drafting at 0.88x of plain when
 drafting ran at 0.72x).
 
-The two modes are probed in alternation, and a re-probe forgets both figures, so that the
-two are always measured over the same stretch of time: on a shared machine a slow minute
-that fell on one mode's probe alone would decide the comparison.
+A step's figure counts only when the step before it ran the same mode. A drafting step
+verifies the drafts of the step before it and drafts for the step after it, so the tokens
+it yields were paid for partly by the previous step: after a plain step, a drafting step
+yields one token for a plain forward plus the draft loop, and the plain step after a
+drafting step verifies those drafts and takes their tokens. Counting those switch-over
+steps priced drafting at (1 + K c) plain steps per token however good the drafts were, and
+with the modes probed one step each in turn every probe step was one: the switch never
+drafted. Left out, the two switch-over steps of a round trip cost together what one step of
+each mode costs, so nothing is lost by not counting them.
+
+The two modes are probed in short blocks in turn (`probe_block` counted steps each, starting
+with the mode that is running), and a re-probe forgets both figures, so that the two are
+always measured over the same stretch of time: on a shared machine a slow minute that fell
+on one mode's probe alone would decide the comparison.
 """
 
 from __future__ import annotations
@@ -60,6 +71,8 @@ class _Bucket:
     choice: bool | None = None  # what the last completed probe found faster
     interval: int = 0  # steps from the end of that probe to the next one
     next_probe: int = 0  # step at which both modes are measured again
+    probing: bool | None = None  # the mode of the probe block now running
+    block_end: int = 0  # its sample count at which that block ends
 
     def samples(self, drafting: bool) -> deque:
         return self.recent.setdefault(drafting, deque(maxlen=self.window))
@@ -73,9 +86,12 @@ def seconds_per_token(steps) -> float:
 
 class DraftSwitch:
     def __init__(self, probe_steps: int = 6, reprobe_every: int = 200, window: int = 15,
-                 max_reprobe_every: int = 1600, probe_budget: float = 0.01):
+                 max_reprobe_every: int = 1600, probe_budget: float = 0.01, probe_block: int = 3):
         if not 1 <= probe_steps <= window:
             raise ValueError(f"probe_steps must be between 1 and window ({window}), got {probe_steps}")
+        if probe_block < 1:
+            raise ValueError(f"probe_block must be at least 1, got {probe_block}")
+        self.probe_block = probe_block
         if max_reprobe_every < reprobe_every:
             raise ValueError(f"max_reprobe_every must be >= reprobe_every ({reprobe_every}), "
                              f"got {max_reprobe_every}")
@@ -87,24 +103,28 @@ class DraftSwitch:
         self.probe_budget = probe_budget
         self.window = window
         self.buckets: dict[int, _Bucket] = {}
-        self._step: tuple[float, int, bool] | None = None  # (start, batch, drafted) of the open step
+        self._open: tuple | None = None  # (start, batch, drafted, decode_only, counted) of the open step
         self._tokens = 0  # tokens the open step has produced so far
+        self._last: bool | None = None  # whether the step before the open one drafted
 
     def step(self, batch_size: int, decode_only: bool, now: float | None = None) -> bool:
-        """A new engine step for `batch_size` requests begins: close the previous one (its
-        wall time and tokens go into its bucket unless this step also prefills, which says
-        nothing about drafting) and decide whether this one drafts."""
+        """A new engine step for `batch_size` requests begins; `decode_only`: it prefills
+        nothing. Close the previous step (its wall time and tokens go into its bucket if it
+        was decode-only and ran the same mode as the step before it) and decide whether
+        this one drafts."""
         now = time.perf_counter() if now is None else now
-        if self._step is not None and decode_only:
-            started, batch, drafted = self._step
-            self.record(batch, drafted, now - started, self._tokens)
+        if self._open is not None:
+            started, batch, drafted, was_decode_only, counted = self._open
+            if was_decode_only and counted:
+                self.record(batch, drafted, now - started, self._tokens)
         drafting = self.should_draft(batch_size)
-        self._step, self._tokens = (now, batch_size, drafting), 0
+        self._open = (now, batch_size, drafting, decode_only, drafting == self._last)
+        self._tokens, self._last = 0, drafting
         return drafting
 
     def restart(self) -> None:
         """Forget the open step (drafting was switched by hand while it ran)."""
-        self._step, self._tokens = None, 0
+        self._open, self._tokens, self._last = None, 0, None
 
     def tokens_generated(self, count: int) -> None:
         """The open step's verification produced `count` tokens."""
@@ -123,6 +143,7 @@ class DraftSwitch:
         b.steps += 1
         if b.steps == b.next_probe:
             b.recent.clear()  # acceptance drifts: measure both modes again, side by side
+            b.probing = None
         counts = {mode: len(b.samples(mode)) for mode in (True, False)}
         if min(counts.values()) < self.probe_steps:
             if b.steps < b.next_probe:  # a choice taken from another bucket, not yet probed
@@ -131,7 +152,7 @@ class DraftSwitch:
                 b.choice, b.interval = implied, self.reprobe_every
                 b.next_probe = b.steps + self.reprobe_every
                 return implied
-            return counts[True] <= counts[False]  # probing: the less measured mode runs
+            return self._probe_mode(b, counts)
         costs = {mode: seconds_per_token(b.samples(mode)) for mode in (True, False)}
         faster = costs[True] <= costs[False]
         if b.steps >= b.next_probe:  # a probe has just ended: when to ask again
@@ -142,6 +163,18 @@ class DraftSwitch:
             b.interval = min(max(interval, self._repaid_after(costs)), self.max_reprobe_every)
             b.choice, b.next_probe = faster, b.steps + b.interval
         return faster
+
+    def _probe_mode(self, b: _Bucket, counts: dict[bool, int]) -> bool:
+        """The mode a probing step runs: the current block's until it has `probe_block` more
+        figures, then the other mode's, unless that one is measured already. The first
+        block runs the mode the engine is in, which saves a switch-over step."""
+        mode = b.probing
+        if mode is None or counts[mode] >= min(b.block_end, self.probe_steps):
+            mode = (self._last if self._last is not None else True) if mode is None else not mode
+            if counts[mode] >= self.probe_steps:
+                mode = not mode
+            b.probing, b.block_end = mode, counts[mode] + self.probe_block
+        return mode
 
     def _repaid_after(self, costs: dict[bool, float]) -> int:
         """Steps between probes at which the losing mode's probe steps, priced at how much
