@@ -7,8 +7,11 @@ Uses the LayerSkip code model shipped in the repository (models/layerskip-code-3
 model card) when it is there: no training, about a minute. Otherwise, or with --model-dir /
 --rebuild, builds a demo-size LayerSkip model with the training module into
 .cache/models/demo (a few minutes on a laptop-class CPU, with a progress bar) and reuses it
-after. Then completes held-out code prompts greedily with plain vLLM and with LayerSkip, prints both
-texts, whether they are identical, tokens/s, the speedup and the acceptance rate.
+after. Then completes held-out code prompts greedily with plain vLLM and with LayerSkip, and
+prints the texts, whether they are identical, tokens/s and the speedup. LayerSkip runs twice
+in one engine: as users get it (the adaptive switch drafts only where it measures drafting
+faster; the demo says what it measured) and drafting on every step (the acceptance rate, and
+the identity check over drafted tokens). Each figure is the median of --repeats runs.
 
 --base smollm2 uses SmolLM2-135M-Instruct, imported from the GGUF in its PyPI wheel and
 trained with the LayerSkip recipe: the build of `python -m benchmarks.reference --base
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from benchmarks import reference_smollm2 as smol
 from benchmarks.prompts import load_prompts, training_files
+from benchmarks.measure import cell_key
 from benchmarks.runner import WorkerError, run_worker
 from benchmarks.systems import read_config, resolve_spec, vllm_engine_kwargs
 
@@ -41,6 +45,10 @@ DEMO_DIR = MODELS / "demo"
 # yet timed on an idle machine (see the report) -- lower --steps if it does not.
 DEMO_SHAPE = {"layers": 6, "hidden_size": 192, "vocab_size": 2048, "steps": 400,
               "seq_len": 128, "batch_size": 16}
+# The LayerSkip engine's two timed runs, in the order they run: as users get it, then
+# drafting on every step.
+LAYERSKIP_MODES = ("adaptive", "always")
+MODE_NAMES = {"adaptive": "adaptive (default)", "always": "drafting every step"}
 TINY_ONLY = ("layers", "hidden_size", "vocab_size")  # --base smollm2 keeps SmolLM2's shape
 
 
@@ -62,6 +70,8 @@ def build_parser():
                    help="train on the first N training-split files only (0 = all)")
     ap.add_argument("--num-prompts", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of the prompts per engine and mode; the median counts")
     ap.add_argument("--exit-layer", type=int, default=None, help="default: model metadata")
     ap.add_argument("--num-speculative-tokens", type=int, default=None)
     ap.add_argument("--compiled", action="store_true",
@@ -173,21 +183,59 @@ def _quote(text: str, mark: str) -> str:
     return textwrap.indent(text, mark, lambda line: True)  # blank lines keep their mark
 
 
-def show(prompts, plain, skip) -> int:
-    same = 0
-    for i, (p, a, b) in enumerate(zip(prompts, plain, skip), 1):
+def show(prompts, plain: list[str], skip: dict[str, list[str]]) -> dict[str, int]:
+    """Print each prompt's tail and plain vLLM's completion, and LayerSkip's in each drafting
+    mode where it differs. Returns, per mode, how many completions were identical."""
+    same = dict.fromkeys(skip, 0)
+    for i, (p, a) in enumerate(zip(prompts, plain)):
         tail = "\n".join(p.rstrip("\n").splitlines()[-4:])
-        print(f"\n=== prompt {i} (last lines) " + "=" * 40)
+        print(f"\n=== prompt {i + 1} (last lines) " + "=" * 40)
         print(_quote(tail, "  | "))
         print("--- vLLM " + "-" * 30)
         print(_quote(a, "  > "))
-        if a == b:
-            same += 1
-            print("--- LayerSkip: identical text")
-        else:
-            print("--- LayerSkip (differs) " + "-" * 16)
-            print(_quote(b, "  > "))
+        for mode, texts in skip.items():
+            if texts[i] == a:
+                same[mode] += 1
+                print(f"--- LayerSkip, {MODE_NAMES[mode]}: identical text")
+            else:
+                print(f"--- LayerSkip, {MODE_NAMES[mode]} (differs) " + "-" * 16)
+                print(_quote(texts[i], "  > "))
     return same
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def summary(plain: dict, adaptive: dict, always: dict, same: dict[str, int], n: int) -> list[str]:
+    """The closing table: tokens/s of plain vLLM and of LayerSkip in both modes, what the
+    adaptive switch chose and why, acceptance while drafting, and the identity counts."""
+    base = plain["tokens_per_s"]
+
+    def row(name, c):
+        return f"  {name:<31}: {c['tokens_per_s']:8.1f} tokens/s   {c['tokens_per_s'] / base:.2f}x"
+
+    drafted = adaptive.get("num_drafts", 0) / adaptive["batch_size"] / len(adaptive["times_s"])
+    steps = drafted + adaptive.get("plain_steps_per_repeat", 0)
+    cost = adaptive.get("switch_seconds_per_token") or {}
+    rate = always.get("acceptance_rate")
+    if cost.get("drafting") and cost.get("plain"):
+        verdict = "drafts" if cost["drafting"] <= cost["plain"] else "decodes plainly"
+        why = (f"    the switch measured, per token: drafting {_ms(cost['drafting'])}, plain "
+               f"{_ms(cost['plain'])} -> {verdict} at batch {adaptive['batch_size']}")
+    else:
+        why = "    the switch has not measured both modes yet (too few steps)"
+    return ["=" * 68,
+            row("plain vLLM", plain),
+            row("LayerSkip, " + MODE_NAMES["adaptive"], adaptive),
+            f"    drafted on {drafted:.0f} of {steps:.0f} engine steps per run",
+            why,
+            row("LayerSkip, " + MODE_NAMES["always"], always),
+            f"    acceptance {'-' if rate is None else f'{rate:.0%}'} of drafted tokens, "
+            f"{always.get('mean_accepted_length') or 0:.2f} tokens per verification",
+            "  identical (greedy)             : "
+            + ", ".join(f"{same[m]}/{n} {MODE_NAMES[m]}" for m in LAYERSKIP_MODES),
+            "=" * 68]
 
 
 def main(argv=None) -> int:
@@ -207,31 +255,30 @@ def main(argv=None) -> int:
     max_len = model_len(out, cfg, prompts, args.max_tokens)
     cell = {"prompt_set": "code", "batch_size": 1, "temperature": 0.0, "prompts": prompts,
             "keep_texts": True}
+    # LayerSkip runs twice in one engine life: as users get it (the adaptive switch decides
+    # whether drafting pays here), then drafting on every step, so that the identity check
+    # and the acceptance always cover drafted and verified tokens.
+    cells = {"vllm": [cell], "layerskip": [{**cell, "drafting": mode} for mode in LAYERSKIP_MODES]}
     res = {}
     from tqdm import tqdm
     for system in tqdm(["vllm", "layerskip"], desc="engines", unit="engine"):
         engine = vllm_engine_kwargs(system, out.resolve(), e, k, dtype="bfloat16",
                                     max_model_len=max_len, max_num_seqs=1,
                                     enforce_eager=not args.compiled)
-        spec = {"kind": "vllm", "engine": engine, "cells": [cell], "max_tokens": args.max_tokens,
-                "repeats": 1, "warmup": 1, "seed": 0, "in_process": args.in_process_engine}
+        spec = {"kind": "vllm", "engine": engine, "cells": cells[system],
+                "max_tokens": args.max_tokens, "repeats": args.repeats, "warmup": 1, "seed": 0,
+                "in_process": args.in_process_engine}
         try:
             res[system] = run_worker(spec, DEMO_DIR.parent / "demo-logs", f"demo-{system}",
                                      args.timeout)
         except WorkerError as err:
             print(f"\n{system} failed:\n{err}", file=sys.stderr)
             return 1
-    plain, skip = (res[s]["texts"]["code/0.0/1"] for s in ("vllm", "layerskip"))
+    plain = res["vllm"]["texts"][cell_key(cell)]
+    skip = {c["drafting"]: res["layerskip"]["texts"][cell_key(c)] for c in cells["layerskip"]}
     same = show(prompts, plain, skip)
-    a, b = (res[s]["cells"][0] for s in ("vllm", "layerskip"))
-    rate = b.get("acceptance_rate")
-    print("\n" + "=" * 68)
-    print(f"  plain vLLM : {a['tokens_per_s']:8.1f} tokens/s")
-    print(f"  LayerSkip  : {b['tokens_per_s']:8.1f} tokens/s   speedup {b['tokens_per_s'] / a['tokens_per_s']:.2f}x")
-    print(f"  acceptance : {'-' if rate is None else f'{rate:.0%}'} of drafted tokens"
-          f" (mean accepted length {b.get('mean_accepted_length') or 0:.2f} tokens per step)")
-    print(f"  identical  : {same}/{len(prompts)} completions (greedy)")
-    print("=" * 68)
+    adaptive, always = res["layerskip"]["cells"]
+    print("\n" + "\n".join(summary(res["vllm"]["cells"][0], adaptive, always, same, len(prompts))))
     return 0
 
 

@@ -62,6 +62,31 @@ def acceptance_stats(delta: dict) -> dict:
             "num_drafts": drafts, "num_draft_tokens": drafted, "num_accepted_tokens": accepted}
 
 
+def cell_key(cell: dict) -> str:
+    """'code/0.0/1', or 'code/0.0/1/always' for a cell run in a given drafting mode."""
+    key = f'{cell["prompt_set"]}/{cell["temperature"]}/{cell["batch_size"]}'
+    return f'{key}/{cell["drafting"]}' if cell.get("drafting") else key
+
+
+def layerskip_stats(llm) -> dict:
+    return llm.collective_rpc("layerskip_stats")[0]
+
+
+def switch_stats(before: dict, after: dict, batch_size: int, repeats: int) -> dict:
+    """What a LayerSkip engine did in a cell's timed repeats: its drafting mode, the engine
+    steps per repeat that took vLLM's plain path, and the adaptive switch's latest seconds per
+    generated token, drafting and plain, in the cell's batch-size bucket (None until measured)."""
+    from vllm_layerskip.adaptive import bucket_of
+
+    buckets = after["seconds_per_token_by_batch_bucket"]
+    # Integer keys may come back as strings through the engine's RPC serialisation.
+    bucket = buckets.get(bucket_of(batch_size)) or buckets.get(str(bucket_of(batch_size))) or {}
+    return {"drafting": after["drafting"],
+            "plain_steps_per_repeat": (after["plain_steps"] - before["plain_steps"]) / repeats,
+            "switch_seconds_per_token": {"drafting": bucket.get("drafting"),
+                                         "plain": bucket.get("plain")}}
+
+
 def _chunks(prompts, b):
     return [prompts[i:i + b] for i in range(0, len(prompts), b)]
 
@@ -108,6 +133,9 @@ def run_vllm(spec: dict) -> dict:
                                  temperature=cell["temperature"])
                   for _ in range(len(prompts))]
         outs = {}
+        mode = cell.get("drafting")  # LayerSkip engines: the drafting mode for this cell
+        if mode:
+            llm.collective_rpc("layerskip_set_drafting", args=(mode,))
 
         def go():
             for i, chunk in enumerate(_chunks(list(range(len(prompts))), b)):
@@ -119,16 +147,18 @@ def run_vllm(spec: dict) -> dict:
         for _ in range(spec["warmup"]):
             go()
         before = spec_counters(llm)
+        stats_before = layerskip_stats(llm) if mode else None
         times = _timed(go, 0, spec["repeats"])
         delta = {k: v - before[k] for k, v in spec_counters(llm).items()}
         n_tokens = sum(len(o.token_ids) for o in outs.values())
         cells.append({**{k: cell[k] for k in ("prompt_set", "temperature", "batch_size")},
                       "times_s": times, "tokens": n_tokens,
                       "tokens_per_s": n_tokens / statistics.median(times),
-                      **acceptance_stats(delta)})
+                      **acceptance_stats(delta),
+                      **(switch_stats(stats_before, layerskip_stats(llm), b, spec["repeats"])
+                         if mode else {})})
         if cell.get("keep_texts"):
-            texts[f'{cell["prompt_set"]}/{cell["temperature"]}/{b}'] = [
-                outs[j].text for j in range(len(prompts))]
+            texts[cell_key(cell)] = [outs[j].text for j in range(len(prompts))]
     result = {"cells": cells, "kv_blocks": kv_blocks, "peak_memory_mb": peak_memory_mb(),
               "startup_s": startup, "texts": texts, "pinning": pinning}
     return result

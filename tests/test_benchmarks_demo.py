@@ -25,8 +25,11 @@ def test_demo_builds_then_reuses(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Building the demo model" in r.stdout
-    for text in ("plain vLLM", "LayerSkip", "speedup", "acceptance", "identical"):
+    for text in ("plain vLLM", "LayerSkip, adaptive (default)", "engine steps per run",
+                 "LayerSkip, drafting every step", "acceptance", "identical (greedy)"):
         assert text in r.stdout
+    # Drafting on every step drafted, so the identity check covered verified drafts.
+    assert "1/1 drafting every step" in r.stdout and "acceptance - " not in r.stdout
     assert "train" in r.stderr          # the training progress bar
     r2 = subprocess.run(cmd + ["--build-only"], capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
@@ -148,3 +151,39 @@ def test_max_model_len_fits_prompt_and_new_tokens():
     assert n % 256 == 0 and 1200 < n <= cfg["max_position_embeddings"]
     with pytest.raises(SystemExit, match="more than this model's context"):
         demo.model_len(demo.SHIPPED_DIR, cfg, prompts, cfg["max_position_embeddings"])
+
+
+def test_summary_says_what_the_switch_measured_and_chose():
+    plain = {"tokens_per_s": 100.0}
+    cell = {"batch_size": 1, "times_s": [1.0, 1.0], "tokens_per_s": 90.0, "num_drafts": 20,
+            "plain_steps_per_repeat": 180.0,
+            "switch_seconds_per_token": {"drafting": 0.015, "plain": 0.006}}
+    always = {"tokens_per_s": 80.0, "acceptance_rate": 0.35, "mean_accepted_length": 1.7}
+    lines = demo.summary(plain, cell, always, {"adaptive": 3, "always": 2}, 3)
+    text = "\n".join(lines)
+    assert "0.90x" in text and "0.80x" in text
+    assert "drafted on 10 of 190 engine steps per run" in text
+    assert "drafting 15.0 ms, plain 6.0 ms -> decodes plainly at batch 1" in text
+    assert "acceptance 35% of drafted tokens, 1.70 tokens per verification" in text
+    assert "3/3 adaptive (default), 2/3 drafting every step" in text
+    cell["switch_seconds_per_token"] = {"drafting": 0.004, "plain": 0.006}
+    assert "-> drafts at batch 1" in "\n".join(demo.summary(plain, cell, always, {"adaptive": 3, "always": 3}, 3))
+    cell["switch_seconds_per_token"] = {"drafting": None, "plain": 0.006}
+    assert "has not measured both modes" in "\n".join(demo.summary(plain, cell, always, {"adaptive": 3, "always": 3}, 3))
+
+
+def test_layerskip_cells_are_keyed_and_read_by_mode():
+    from benchmarks.measure import cell_key, switch_stats
+
+    cell = {"prompt_set": "code", "temperature": 0.0, "batch_size": 1}
+    assert cell_key(cell) == "code/0.0/1"
+    assert cell_key({**cell, "drafting": "always"}) == "code/0.0/1/always"
+    before = {"plain_steps": 10}
+    after = {"plain_steps": 70, "drafting": "adaptive",
+             "seconds_per_token_by_batch_bucket": {"1": {"drafting": 0.01, "plain": 0.02}}}
+    assert switch_stats(before, after, 1, 3) == {
+        "drafting": "adaptive", "plain_steps_per_repeat": 20.0,
+        "switch_seconds_per_token": {"drafting": 0.01, "plain": 0.02}}
+    after["seconds_per_token_by_batch_bucket"] = {8: {"drafting": None, "plain": 0.02}}
+    assert switch_stats(before, after, 5, 1)["switch_seconds_per_token"] == {"drafting": None, "plain": 0.02}
+    assert switch_stats(before, after, 1, 1)["switch_seconds_per_token"] == {"drafting": None, "plain": None}
