@@ -13,11 +13,13 @@ Three engines run the same greedy code prompts:
   configured but idle LayerSkip costs: the forced-off ratio); drafting ``always`` with split
   verification (layers >= E only for tokens whose layer-E state the draft saved);
   drafting ``always`` with the stock forward verifying over all layers
-  (``always-stock-verify``); and ``adaptive`` (the switch decides per batch-size bucket, as
-  a user gets by default). The two verification paths alternate run by run within one
-  engine life, so the machine's drift over minutes cancels from their ratio.
+  (``always-stock-verify``); drafting ``always`` with the verification switch choosing
+  between the two per batch-size bucket (``always-adaptive-verify``); and ``adaptive`` (the
+  drafting switch decides per batch-size bucket, as a user gets by default). The three
+  verification paths alternate run by run within one engine life, so the machine's drift
+  over minutes cancels from their ratios.
 
-Per batch size it reports the forced-off ratio, both drafting speedups, and the split of a
+Per batch size it reports the forced-off ratio, the drafting speedups, and the split of a
 drafting step: the draft loop's share (the worker's own clock) and the verification pass
 against a plain decode step, with and without the layer-E states reused. From the same
 numbers, the zero-overhead ideal a / (K c + 1) (benchmarks/ideal.py) and the share of it
@@ -56,13 +58,17 @@ ENGINES = {  # name -> (LayerSkip settings or None, modes timed)
     "vllm": (None, [None]),
     "vllm-control": (None, [None]),
     "layerskip": ({"verify_from_exit_states": True},
-                  ["off", "always", "always-stock-verify", "adaptive"]),
+                  ["off", "always", "always-stock-verify", "always-adaptive-verify", "adaptive"]),
 }
 # mode -> (drafting, verification), set through the worker at run time (runner.py)
 MODES = {"off": ("off", "split"), "always": ("always", "split"),
-         "always-stock-verify": ("always", "stock"), "adaptive": ("adaptive", "split")}
-# Modes timed interleaved, repeat by repeat (their ratio is the one that needs it most).
-INTERLEAVED = ("always", "always-stock-verify")
+         "always-stock-verify": ("always", "stock"),
+         "always-adaptive-verify": ("always", "adaptive"), "adaptive": ("adaptive", "split")}
+# Verification path -> the mode that drafts on every step with it.
+VERIFY_PATHS = {"split": "always", "stock": "always-stock-verify",
+                "adaptive": "always-adaptive-verify"}
+# Modes timed interleaved, repeat by repeat (their ratios are the ones that need it most).
+INTERLEAVED = tuple(VERIFY_PATHS.values())
 
 
 def start(model: str, e: int, k: int, layerskip: dict | None, max_batch: int, dtype: str,
@@ -177,8 +183,8 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
            "control_ratio": med(lambda r: plain(r) / runs["vllm-control"][r]["seconds"]),
            "forced_off_ratio": med(lambda r: plain(r) / runs["layerskip/off"][r]["seconds"]),
            "adaptive_ratio": med(lambda r: plain(r) / runs["layerskip/adaptive"][r]["seconds"])}
-    for name, key in (("split", "layerskip/always"), ("stock", "layerskip/always-stock-verify")):
-        run = runs[key]
+    for name, mode in VERIFY_PATHS.items():
+        run = runs[f"layerskip/{mode}"]
         verify_steps = lambda r: run[r]["draft_steps"] / k  # noqa: E731
         verify_cost = lambda r: ((run[r]["seconds"] - run[r]["draft_seconds"])  # noqa: E731
                                  / verify_steps(r) / plain_step(r))
@@ -215,16 +221,17 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
              f"prompts, {meta['max_tokens']} new tokens; one engine alive at a time, "
              f"{meta['rounds']} lives each (order reversed every other round), median of "
              f"{meta['repeats']} runs per life, median over lives; {meta['machine']}.", "",
-             "| batch | plain tok/s | control | forced off | adaptive | drafting, split verify | "
-             "drafting, stock verify |", "|---|---|---|---|---|---|---|"]
+             "| batch | plain tok/s | control | forced off | adaptive | "
+             + " | ".join(f"drafting, {name} verify" for name in VERIFY_PATHS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(VERIFY_PATHS)]
     for r in rows:
         lines.append(f"| {r['batch_size']} | {r['plain_tokens_per_s']:.1f} | {r['control_ratio']:.3f}x "
-                     f"| {r['forced_off_ratio']:.3f}x | {r['adaptive_ratio']:.3f}x "
-                     f"| {r['split_speedup']:.3f}x | {r['stock_speedup']:.3f}x |")
+                     f"| {r['forced_off_ratio']:.3f}x | {r['adaptive_ratio']:.3f}x | "
+                     + " | ".join(f"{r[f'{name}_speedup']:.3f}x" for name in VERIFY_PATHS) + " |")
     lines += ["", "| batch | verify | verify cost | draft step cost | accepted len | batch fill | "
               "ideal | of ideal | ideal at these steps | of it |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for name in ("split", "stock"):
+        for name in VERIFY_PATHS:
             g = lambda key: r[f"{name}_{key}"]  # noqa: E731
             lines.append(
                 f"| {r['batch_size']} | {name} | {g('verify_cost'):.2f} | {g('draft_cost'):.2f} | "

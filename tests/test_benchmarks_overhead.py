@@ -25,12 +25,12 @@ def test_overhead_reports_every_ratio(tmp_path):
         assert row[key] > 0, key
     # The ideal at the engine steps the batch took is at most the mean-acceptance one (the
     # slowest request sets the steps), and a drafting step holds at most the whole batch.
-    for path in ("split", "stock"):
+    for path in ("split", "stock", "adaptive"):
         assert 0 < row[f"{path}_batch_fill"] <= 1
         assert row[f"{path}_step_ideal"] <= row[f"{path}_ideal"] * 1.01
     # Layers >= 2 silenced: every draft is accepted, K + 1 = 3 tokens per verification
     # (less the end of each request, where fewer than K drafts are left to make).
-    for path in ("split", "stock"):
+    for path in ("split", "stock", "adaptive"):
         assert 2.5 <= row[f"{path}_accepted_length"] <= 3.0, row
     assert "| 2 |" in (tmp_path / "overhead.md").read_text()
     # The same engine switched verification at run time: only the split runs reused states.
@@ -38,6 +38,7 @@ def test_overhead_reports_every_ratio(tmp_path):
     assert runs["layerskip/always"][0]["reused_tokens"] > 0
     assert runs["layerskip/always-stock-verify"][0]["reused_tokens"] == 0
     assert runs["layerskip/always-stock-verify"][0]["draft_steps"] > 0
+    assert runs["layerskip/always-adaptive-verify"][0]["draft_steps"] > 0
     # Every life recorded its pinning: none here, as the worker runs in the life's own process
     # (--in-process-engine). Pinning a worker process's helpers is tested in
     # test_benchmarks_unit (test_pinning_moves_unbound_threads_off_a_bound_child).
@@ -49,7 +50,7 @@ def test_mode_groups_time_the_two_verification_paths_turn_about():
     from benchmarks.overhead import ENGINES, mode_groups
 
     assert mode_groups(ENGINES["layerskip"][1]) == [
-        ["off"], ["always", "always-stock-verify"], ["adaptive"]]
+        ["off"], ["always", "always-stock-verify", "always-adaptive-verify"], ["adaptive"]]
     assert mode_groups([None]) == [[None]]
 
 

@@ -4,7 +4,7 @@ lopsided acceptance do not fool it."""
 
 import pytest
 
-from vllm_layerskip.adaptive import DraftSwitch, bucket_of
+from vllm_layerskip.adaptive import DraftSwitch, VerifySwitch, bucket_of
 
 
 class Engine:
@@ -63,7 +63,7 @@ def test_probes_both_modes_then_keeps_the_faster():
     decisions = run(switch, 32, {True: 0.03, False: 0.02}, 20)
     assert modes(decisions[:7]) == "DDD...."  # the engine was drafting: no switch-over first
     assert not any(decisions[7:])  # and slower at batch 32: switched off there only
-    assert switch.should_draft(1)
+    assert switch.choose(1)
 
 
 def test_drafting_that_pays_is_found_although_its_tokens_arrive_a_step_late():
@@ -110,7 +110,7 @@ def test_lopsided_acceptance_is_priced_by_its_mean():
     switch = DraftSwitch(probe_steps=5, reprobe_every=1000, window=5)
     decisions, yields = [], iter([3, 1, 3, 1, 3] * 40)
     for _ in range(40):
-        drafting = switch.should_draft(1)
+        drafting = switch.choose(1)
         decisions.append(drafting)
         if drafting:
             switch.record(1, True, 0.030, next(yields))
@@ -234,7 +234,67 @@ def test_run_time_switches_name_what_is_allowed(method, mode):
     runner = SimpleNamespace(drafting="always", drafter=SimpleNamespace(reuse_exit_states=True))
     worker = SimpleNamespace(model_runner=runner)
     runner.set_drafting = lambda m: LayerSkipRunnerMixin.set_drafting(runner, m)
+    runner.set_verification = lambda m: LayerSkipRunnerMixin.set_verification(runner, m)
     with pytest.raises(ValueError, match="mode must be one of") as err:
         getattr(LayerSkipWorker, method)(worker, mode)
     assert repr(mode) in str(err.value)
     assert runner.drafting == "always" and runner.drafter.reuse_exit_states  # unchanged
+
+
+def run_verification(switch, batch, verify_seconds, steps, draft_seconds=0.004, accepted=2):
+    """Drafting on every step: each step verifies the previous step's drafts in the mode
+    chosen while they were drafted (`verify_seconds[split]` per request), then drafts."""
+    choices, verified_split, clock = [], None, getattr(switch, "_test_clock", 0.0)
+    for _ in range(steps):
+        split = switch.step(batch, decode_only=True, now=clock)
+        choices.append(split)
+        switch.tokens_generated(batch * accepted)
+        clock += batch * (verify_seconds[verified_split] if verified_split is not None
+                          else verify_seconds[False]) + draft_seconds
+        verified_split = split
+    switch._test_clock = clock
+    return choices
+
+
+def test_verify_switch_keeps_the_faster_verification_per_batch_size():
+    switch = VerifySwitch(probe_steps=3, reprobe_every=1000)
+    # Batch 1: the stock forward is faster (the split's second pass costs more than the
+    # layers it skips); the probe alternates the two step by step.
+    choices = run_verification(switch, 1, {True: 0.012, False: 0.010}, 20)
+    assert choices[:6] == [True, False] * 3 and not any(choices[8:])
+    assert switch.summary()[1] == {"split": pytest.approx((0.004 + 0.012) / 2),
+                                   "stock": pytest.approx((0.004 + 0.010) / 2)}
+    # Batch 32: compute-bound, the layers < E skipped for K of K+1 tokens pay.
+    assert all(run_verification(switch, 32, {True: 0.008, False: 0.010}, 20)[8:])
+
+
+def test_verify_switch_times_a_step_under_the_mode_its_drafts_were_saved_for():
+    # The choice made while drafting takes effect in the next step's verification. Timed
+    # under the step's own choice, an alternating probe would swap the two figures and keep
+    # the slower mode.
+    switch = VerifySwitch(probe_steps=4, reprobe_every=1000)
+    choices = run_verification(switch, 8, {True: 0.006, False: 0.010}, 30)
+    assert all(choices[10:])
+    summary = switch.summary()[8]
+    assert summary["split"] < summary["stock"]
+
+
+def test_verify_switch_skips_the_step_after_a_plain_one():
+    switch = VerifySwitch(probe_steps=1, reprobe_every=1000)
+    assert switch.step(1, decode_only=True, now=0.0) is True  # probe split first
+    switch.tokens_generated(1)
+    switch.restart()  # the next step does not draft: it verifies, untimed
+    switch.step(1, decode_only=True, now=5.0)  # drafts again, but verifies nothing
+    switch.tokens_generated(1)
+    switch.step(1, decode_only=True, now=5.01)
+    assert switch.summary()[1] == {"split": None, "stock": None}
+
+
+def test_verify_switch_carries_a_split_win_to_bigger_batches():
+    switch = VerifySwitch(probe_steps=2, reprobe_every=50)
+    assert run_verification(switch, 8, {True: 0.006, False: 0.010}, 10)[-1] is True
+    assert all(run_verification(switch, 32, {True: 0.006, False: 0.010}, 10))  # implied: no probe
+    switch = VerifySwitch(probe_steps=2, reprobe_every=50)
+    assert run_verification(switch, 8, {True: 0.012, False: 0.010}, 10)[-1] is False
+    assert not any(run_verification(switch, 2, {True: 0.012, False: 0.010}, 10))  # stock carries down
+    assert run_verification(switch, 32, {True: 0.012, False: 0.010}, 2) == [True, False]  # probed

@@ -45,6 +45,11 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
         spec.collective_rpc("layerskip_set_verification", args=("split",))
         assert greedy(spec, prompts) == expected
         (split,) = spec.collective_rpc("layerskip_stats")
+        # Adaptive verification: the probe alternates split and stock step by step.
+        spec.collective_rpc("layerskip_set_verification", args=("adaptive",))
+        assert greedy(spec, prompts) == expected
+        (adaptive,) = spec.collective_rpc("layerskip_stats")
+        spec.collective_rpc("layerskip_set_verification", args=("split",))
         # Drafting switched off: every step runs vLLM's non-speculative path (a step that
         # verifies drafts still runs the speculative one: here none is left over); then
         # drafting resumes, no restart.
@@ -59,8 +64,12 @@ def test_compiled_engine_is_lossless_and_verifies_with_the_compiled_forward(llam
     assert stock["draft_tokens"] > stats["draft_tokens"]
     assert stock["reused_tokens"] == stats["reused_tokens"] < split["reused_tokens"]
     assert split["graphs_compiled_while_serving"] == 0
+    assert adaptive["verification"] == "adaptive" and adaptive["graphs_compiled_while_serving"] == 0
+    assert adaptive["reused_tokens"] > split["reused_tokens"]  # split in some steps
+    timed = adaptive["verify_seconds_per_token_by_batch_bucket"]
+    assert any(t["split"] and t["stock"] for t in timed.values()), timed  # both measured
     assert stats["plain_steps"] == split["plain_steps"] == 0  # drafting always: none plain
-    assert off["draft_tokens"] == split["draft_tokens"]
+    assert off["draft_tokens"] == adaptive["draft_tokens"]
     # 6 requests, 48 tokens each: a prefill and at least 47 decode steps, all plain.
     assert off["plain_steps"] >= 48
     assert back["plain_steps"] == off["plain_steps"] and back["draft_tokens"] > off["draft_tokens"]

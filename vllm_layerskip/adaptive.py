@@ -40,6 +40,14 @@ The two modes are probed in short blocks in turn (`probe_block` counted steps ea
 with the mode that is running), and a re-probe forgets both figures, so that the two are
 always measured over the same stretch of time: on a shared machine a slow minute that fell
 on one mode's probe alone would decide the comparison.
+
+`VerifySwitch` makes the same measured choice, on drafting steps only, between the two ways
+of verifying: split (layers >= E only for the drafted tokens whose layer-E state the draft
+saved) and the stock forward over every layer. Which is faster depends on the machine's
+kernels: at batch 1 a forward is bound by reading the weights, so skipping layers < E for
+K of K+1 tokens saves little and the second pass costs its own fixed time; at large batches
+the saved compute wins. Measured on three 2-core CPUs, each mode was 5-18% faster than the
+other somewhere.
 """
 
 from __future__ import annotations
@@ -85,6 +93,13 @@ def seconds_per_token(steps) -> float:
 
 
 class DraftSwitch:
+    """Per batch-size bucket: draft (True) or decode plainly (False)."""
+
+    ARMS = ("drafting", "plain")  # names of the True and False modes in summary()
+    # Whose win carries to bigger batches: plain's (drafting that lost at a batch size
+    # loses at bigger ones). See _implied.
+    WINS_UPWARD = False
+
     def __init__(self, probe_steps: int = 6, reprobe_every: int = 200, window: int = 15,
                  max_reprobe_every: int = 1600, probe_budget: float = 0.01, probe_block: int = 3):
         if not 1 <= probe_steps <= window:
@@ -117,7 +132,7 @@ class DraftSwitch:
             started, batch, drafted, was_decode_only, counted = self._open
             if was_decode_only and counted:
                 self.record(batch, drafted, now - started, self._tokens)
-        drafting = self.should_draft(batch_size)
+        drafting = self.choose(batch_size)
         self._open = (now, batch_size, drafting, decode_only, drafting == self._last)
         self._tokens, self._last = 0, drafting
         return drafting
@@ -138,7 +153,8 @@ class DraftSwitch:
         if tokens > 0 and seconds > 0:
             self._bucket(batch_size).samples(drafted).append((seconds, tokens))
 
-    def should_draft(self, batch_size: int) -> bool:
+    def choose(self, batch_size: int) -> bool:
+        """The mode the next step of this batch size runs (True: drafting)."""
         b = self._bucket(batch_size)
         b.steps += 1
         if b.steps == b.next_probe:
@@ -186,18 +202,53 @@ class DraftSwitch:
         """What the other buckets' probes imply for a bucket not yet measured. A bigger batch
         makes each step costlier while drafting's saving, steps not taken, stays the same:
         drafting that lost at a batch size loses at bigger ones, and drafting that paid pays
-        at smaller ones. Saves a draining batch from probing every bucket it passes through;
-        the bucket is still probed `reprobe_every` steps later. Where the buckets imply
-        both (acceptance differs between their requests), it is probed now."""
+        at smaller ones (WINS_UPWARD names the mode whose win carries to bigger batches).
+        Saves a draining batch from probing every bucket it passes through; the bucket is
+        still probed `reprobe_every` steps later. Where the buckets imply both (acceptance
+        differs between their requests), it is probed now."""
         bucket = bucket_of(batch_size)
         implied = {b.choice for other, b in self.buckets.items()
-                   if (b.choice is False and other < bucket) or (b.choice is True and other > bucket)}
+                   if b.choice is not None and other != bucket
+                   and (other < bucket) == (b.choice == self.WINS_UPWARD)}
         return implied.pop() if len(implied) == 1 else None
 
     def summary(self) -> dict[int, dict]:
-        """Per bucket: seconds per generated token with and without drafts."""
+        """Per bucket: seconds per generated token in each mode (None until measured)."""
         return {
-            bucket: {mode_name: (seconds_per_token(b.recent[mode]) if b.recent.get(mode) else None)
-                     for mode_name, mode in (("drafting", True), ("plain", False))}
+            bucket: {name: (seconds_per_token(b.recent[mode]) if b.recent.get(mode) else None)
+                     for name, mode in zip(self.ARMS, (True, False))}
             for bucket, b in sorted(self.buckets.items())
         }
+
+
+class VerifySwitch(DraftSwitch):
+    """Per batch-size bucket, on drafting steps: split verification (True) or the stock
+    forward (False). The choice made while a step drafts decides how the next step verifies
+    those drafts (the draft saves its layer-E states only for split verification), so a
+    step is timed under the mode chosen one drafting step earlier. Switching between the two
+    costs nothing, so a probe alternates them step by step."""
+
+    ARMS = ("split", "stock")
+    # Split saves compute that grows with the batch at a fixed cost per step: split that
+    # paid at a batch size pays at bigger ones.
+    WINS_UPWARD = True
+
+    def _probe_mode(self, b: _Bucket, counts: dict[bool, int]) -> bool:
+        """The other mode than the last step's, unless that one is measured already."""
+        mode = True if self._last is None else not self._last
+        return mode if counts[mode] < self.probe_steps else not mode
+
+    def step(self, batch_size: int, decode_only: bool, now: float | None = None) -> bool:
+        """A drafting step begins: close the previous one (timed under the mode it verified
+        with, if it verified drafts and prefilled nothing) and choose how this step's drafts
+        are verified. A step that does not draft calls restart() instead."""
+        now = time.perf_counter() if now is None else now
+        if self._open is not None:
+            started, batch, verified_split, was_decode_only = self._open
+            if was_decode_only and verified_split is not None:
+                self.record(batch, verified_split, now - started, self._tokens)
+        split = self.choose(batch_size)
+        # This step verifies what the previous drafting step drafted (None: no drafts).
+        self._open = (now, batch_size, self._last, decode_only)
+        self._tokens, self._last = 0, split
+        return split

@@ -30,11 +30,16 @@ from ._vllm import (
     platform_worker_class,
     replace_metadata,
 )
-from .adaptive import DRAFTING_MODES, DraftingMode, DraftSwitch
+from .adaptive import DRAFTING_MODES, DraftingMode, DraftSwitch, VerifySwitch
 from .exit_states import ReusePlan
 from .proposer import LayerSkipProposer, compiled_graph_count
 from .rejection import LayerSkipRejectionSampler, with_seeded_rows
 from .sampling import SeededRows, StepState, reseed
+from .settings import ADAPTIVE
+
+# How drafts are verified: layers >= E from the saved exit states, the stock forward, or
+# whichever measures faster (VerifySwitch).
+VERIFICATION_MODES = ("split", "stock", ADAPTIVE)
 
 
 class LayerSkipRunnerMixin:
@@ -54,6 +59,9 @@ class LayerSkipRunnerMixin:
             self.sampler, self.speculative_config, self.device)
         self.engine_draft_fetches = 0  # take_draft_token_ids calls from the engine core
         self.plain_steps = 0  # steps run on vLLM's non-speculative path
+        self.verify_switch: VerifySwitch | None = None
+        self.set_verification({True: "split", False: "stock"}.get(
+            settings.verify_from_exit_states, ADAPTIVE))
 
     @override
     def _update_states(self, scheduler_output):
@@ -81,15 +89,27 @@ class LayerSkipRunnerMixin:
                  for row in generators}
         return SeededRows(seeds, next_positions)
 
-    def _step_drafts(self, scheduler_output) -> bool:
+    def _step_drafts(self, scheduled: dict[str, int]) -> bool:
         """Whether this step drafts for the next one (the switch decides in adaptive mode)."""
-        scheduled = scheduler_output.num_scheduled_tokens  # req_id -> tokens this step
         if not scheduled:
             return False
         if self.drafting != "adaptive":
             return self.drafting == "always"
-        decode_only = max(scheduled.values()) <= self.num_spec_tokens + 1
-        return self.draft_switch.step(len(scheduled), decode_only)
+        return self.draft_switch.step(len(scheduled), self._decode_only(scheduled))
+
+    def _choose_verification(self, scheduled: dict[str, int], drafts: bool) -> None:
+        """With adaptive verification, whether this step's drafts save their layer-E states
+        for split verification in the next step, or leave it to the stock forward."""
+        if self.verify_switch is None:
+            return
+        if not drafts:
+            self.verify_switch.restart()
+            return
+        self.drafter.reuse_exit_states = self.verify_switch.step(
+            len(scheduled), self._decode_only(scheduled))
+
+    def _decode_only(self, scheduled: dict[str, int]) -> bool:
+        return max(scheduled.values()) <= self.num_spec_tokens + 1
 
     @contextmanager
     def _speculation_hidden(self, hidden: bool):
@@ -111,7 +131,9 @@ class LayerSkipRunnerMixin:
         (drafting off, or the switch chose plain decoding for this batch size): what a
         configured but idle LayerSkip costs is then only these few lines."""
         step = self.step
-        step.drafts = self._step_drafts(scheduler_output)
+        scheduled = scheduler_output.num_scheduled_tokens  # req_id -> tokens this step
+        step.drafts = self._step_drafts(scheduled)
+        self._choose_verification(scheduled, step.drafts)
         step.plain = not step.drafts and not scheduler_output.scheduled_spec_decode_tokens
         self.plain_steps += step.plain and bool(scheduler_output.num_scheduled_tokens)
         with self._speculation_hidden(step.plain):
@@ -146,8 +168,12 @@ class LayerSkipRunnerMixin:
             if spec_decode_metadata is not None:
                 spec_decode_metadata = with_seeded_rows(spec_decode_metadata, seeded)
         output = super()._sample(logits, spec_decode_metadata)
-        if self.drafting == "adaptive":
-            self.draft_switch.tokens_generated(int((output.sampled_token_ids >= 0).sum()))
+        switches = [switch for switch, on in ((self.draft_switch, self.drafting == "adaptive"),
+                                              (self.verify_switch, self.verify_switch is not None)) if on]
+        if switches:
+            generated = int((output.sampled_token_ids >= 0).sum())
+            for switch in switches:
+                switch.tokens_generated(generated)
         return output
 
     @override
@@ -172,6 +198,20 @@ class LayerSkipRunnerMixin:
         if mode != self.drafting:
             self.draft_switch.restart()  # its open step, if any, spans the change: not timed
         self.drafting = mode
+
+    def set_verification(self, mode: str) -> None:
+        """"split", "stock", or "adaptive" (a fresh VerifySwitch measures both)."""
+        if mode not in VERIFICATION_MODES:
+            raise ValueError(f"verification mode must be one of {', '.join(VERIFICATION_MODES)}, "
+                             f"got {mode!r}")
+        self.verify_switch = VerifySwitch() if mode == ADAPTIVE else None
+        if mode != ADAPTIVE:
+            self.drafter.reuse_exit_states = mode == "split"
+
+    def verification(self) -> str:
+        if self.verify_switch is not None:
+            return ADAPTIVE
+        return "split" if self.drafter.reuse_exit_states else "stock"
 
     @override
     def _build_attention_metadata(self, *args, **kwargs):
@@ -253,8 +293,6 @@ class LayerSkipRunnerMixin:
         return drafter.upper_layers(positions, hidden, residual)
 
 
-VERIFICATION_MODES = ("split", "stock")
-
 
 @functools.cache
 def _runner_class(base: type) -> type:
@@ -280,8 +318,11 @@ class LayerSkipWorker(platform_worker_class()):
         # Compilations after start-up: each one stalls every request for seconds.
         stats["graphs_compiled_while_serving"] = compiled_graph_count() - drafter.graphs_at_warmup
         stats["drafting"] = self.model_runner.drafting
-        stats["verification"] = "split" if drafter.reuse_exit_states else "stock"
+        stats["verification"] = self.model_runner.verification()
         stats["seconds_per_token_by_batch_bucket"] = self.model_runner.draft_switch.summary()
+        verify_switch = self.model_runner.verify_switch
+        stats["verify_seconds_per_token_by_batch_bucket"] = (
+            verify_switch.summary() if verify_switch is not None else {})
         return stats
 
     def layerskip_set_drafting(self, mode: str) -> str:
@@ -293,13 +334,11 @@ class LayerSkipWorker(platform_worker_class()):
 
     def layerskip_set_verification(self, mode: str) -> str:
         """Switch verification at run time, no restart: "split" (layers >= E only for
-        drafted tokens whose layer-E state was saved; `verify_from_exit_states: true`) or
-        "stock" (the stock forward over every layer). Takes effect from the next draft.
-        Returns the mode. Lets a benchmark compare both in one engine life."""
-        if mode not in VERIFICATION_MODES:
-            raise ValueError(f"verification mode must be one of {', '.join(VERIFICATION_MODES)}, "
-                             f"got {mode!r}")
-        self.model_runner.drafter.reuse_exit_states = mode == "split"
+        drafted tokens whose layer-E state was saved; `verify_from_exit_states: true`),
+        "stock" (the stock forward over every layer) or "adaptive" (measure both per
+        batch-size bucket). Takes effect from the next draft. Returns the mode. Lets a
+        benchmark compare them in one engine life."""
+        self.model_runner.set_verification(mode)
         return mode
 
     def layerskip_weight_sharing(self) -> dict:

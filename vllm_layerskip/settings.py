@@ -20,6 +20,9 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
 )
 
+# verify_from_exit_states: choose split or stock verification by measuring both.
+ADAPTIVE = "adaptive"
+
 # Where the training module stores its recommendation inside config.json.
 METADATA_KEY = "layerskip"
 # Inside it: token ids by frequency in the training data, most frequent first.
@@ -39,8 +42,10 @@ class LayerSkipSettings:
     draft_confidence_threshold: float = 0.0
     # The draft's LM head covers the N most frequent token ids only; 0 = the full vocabulary.
     draft_vocab_size: int = 0
-    # Verification runs layers >= E only for drafted tokens whose layer-E state was saved.
-    verify_from_exit_states: bool = True
+    # Verification runs layers >= E only for drafted tokens whose layer-E state was saved
+    # (true), runs the stock forward over every layer (false), or, "adaptive", measures
+    # both per batch-size bucket on drafting steps and keeps the faster.
+    verify_from_exit_states: bool | str = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,10 +120,15 @@ def resolve(
             f"layerskip needs pipeline_parallel_size=1, got {pipeline_parallel_size}: {where}"
         )
 
-    adaptive, reuse = (rest.pop(name, True) for name in ("adaptive_drafting", "verify_from_exit_states"))
-    for name, value in (("adaptive_drafting", adaptive), ("verify_from_exit_states", reuse)):
-        if not isinstance(value, bool):
-            raise LayerSkipConfigError(f"speculative_config.{name} must be true or false, got {value!r}")
+    adaptive = rest.pop("adaptive_drafting", True)
+    if not isinstance(adaptive, bool):
+        raise LayerSkipConfigError(
+            f"speculative_config.adaptive_drafting must be true or false, got {adaptive!r}")
+    reuse = rest.pop("verify_from_exit_states", True)
+    if not isinstance(reuse, bool) and reuse != ADAPTIVE:
+        raise LayerSkipConfigError(
+            f"speculative_config.verify_from_exit_states must be true, false or "
+            f"\"{ADAPTIVE}\", got {reuse!r}")
 
     threshold = rest.pop("draft_confidence_threshold", metadata.get("draft_confidence_threshold", 0.0))
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
