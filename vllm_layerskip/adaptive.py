@@ -11,9 +11,9 @@ and probes again now and then because acceptance drifts with the requests: 200 s
 a probe, then twice as long each time the answer stays the same (up to 1,600 steps), so
 that a mode which keeps losing costs less and less. A probe that found the losing mode far
 slower waits longer from the start: its steps in the losing mode, priced at how much slower
-that mode was, must be at most `probe_budget` (1%) of the steps until the next probe. (On
-the shipped model at batch 1 drafting ran at 0.57x of plain per token; a probe then costs
-6 x 0.75 = 4.5 steps, about 2% of 200.) A bucket not yet measured starts from what the
+that mode was, must be at most `probe_budget` (1%) of the steps until the next probe. (Drafting
+at 0.57x of plain per token: a probe's 6 drafting steps then cost 6 x 0.75 = 4.5 steps,
+about 2% of 200.) A bucket not yet measured starts from what the
 others imply where they do (drafting that loses at batch 2 loses at batch 8), so that a
 batch draining from 8 to 1 requests does not probe every bucket on its way.
 
