@@ -237,7 +237,8 @@ def test_overhead_summary_from_synthetic_rounds():
             "layerskip/off": [{"seconds": 1.0}, {"seconds": 1.25}, {"seconds": 1.1}],
             "layerskip/adaptive": [{"seconds": 1.0}, {"seconds": 1.0}, {"seconds": 1.0}],
             "layerskip/always": [always(0.8, 0.2)] * 3,
-            "layerskip/always-stock-verify": [always(1.0, 0.2)] * 3}
+            "layerskip/always-stock-verify": [always(1.0, 0.2)] * 3,
+            "layerskip/always-adaptive-verify": [always(0.9, 0.2)] * 3}
     row = summarise(runs, b, k, n)
     assert row["forced_off_ratio"] == pytest.approx(0.96)  # median of 1.0, 0.96, 0.909
     assert row["adaptive_ratio"] == pytest.approx(1.0)  # median of 1.0, 1.2, 1.0
@@ -249,6 +250,8 @@ def test_overhead_summary_from_synthetic_rounds():
     assert row["split_verify_cost"] == pytest.approx(0.6 / 51 / plain_step)
     assert row["stock_verify_cost"] > row["split_verify_cost"]
     assert row["split_speedup"] == pytest.approx(1.0 / 0.8)
+    assert row["adaptive_speedup"] == pytest.approx(1.0 / 0.9)
+    assert row["split_verify_cost"] < row["adaptive_verify_cost"] < row["stock_verify_cost"]
     c = row["split_draft_cost"]
     assert row["split_of_ideal"] == pytest.approx(1.25 / (2.0 / (k * c + 1)))
     # The batch took 51 verification steps where plain decoding took n = 101.

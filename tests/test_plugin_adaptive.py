@@ -156,13 +156,13 @@ def test_a_reprobe_measures_both_modes_again_and_backs_off_while_the_answer_hold
 
 
 def test_a_probe_that_found_the_loser_far_slower_waits_until_its_cost_is_repaid():
-    # Drafting at 1.75x plain's seconds per token: a probe's 6 drafting steps cost 4.5
-    # steps, so at a 1% budget the next probe comes 450 steps after this one ends (step
-    # 17, so at step 467), not 200.
+    # Drafting at 1.75x plain's seconds per token: a probe's 8 drafting steps (6 timed, 2
+    # switch-over) cost 6 steps, so at a 1% budget the next probe comes 600 steps after
+    # this one ends (step 17, so at step 617), not 200.
     switch = DraftSwitch()
-    decisions = run(switch, 1, {True: 0.035, False: 0.02}, 13 + 470)
-    assert modes(decisions[:16]) == "DDDD....DDDD...." and not any(decisions[16:469])
-    assert modes(decisions[466:473]) == "...DDDD"  # the probe: plain first, the engine's mode
+    decisions = run(switch, 1, {True: 0.035, False: 0.02}, 13 + 620)
+    assert modes(decisions[:16]) == "DDDD....DDDD...." and not any(decisions[16:619])
+    assert modes(decisions[616:623]) == "...DDDD"  # the probe: plain first, the engine's mode
     # A near tie (5% slower) costs little: the plain re-probe schedule applies (200).
     switch = DraftSwitch()
     decisions = run(switch, 1, {True: 0.021, False: 0.02}, 13 + 220)

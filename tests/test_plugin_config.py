@@ -125,3 +125,16 @@ def test_vllm_serve_exits_with_the_message(llama_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, start_new_session=True)
     assert proc.returncode != 0
     assert "num_speculative_tokens must be >= 1, got 0" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("value,verification", [(True, "split"), (False, "stock"),
+                                                ("adaptive", "adaptive")])
+def test_verify_from_exit_states_names_the_verification(value, verification):
+    from vllm_layerskip.settings import resolve
+
+    settings, _ = resolve({"method": "layerskip", "exit_layer": 1, "num_speculative_tokens": 2,
+                           "verify_from_exit_states": value},
+                          architectures=["LlamaForCausalLM"], num_hidden_layers=4, metadata=None,
+                          allowed_fields=())
+    assert settings.verification == verification
+    assert settings.verify_from_exit_states == value

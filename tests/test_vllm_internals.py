@@ -104,7 +104,7 @@ def _runner(drafting: str, draft_switch=None):
 
     runner = type("Runner", (LayerSkipRunnerMixin, StockRunner), {})()
     runner.step, runner.drafting, runner.num_spec_tokens = StepState(), drafting, 2
-    runner.draft_switch, runner.plain_steps = draft_switch, 0
+    runner.draft_switch, runner.plain_steps, runner.verify_switch = draft_switch, 0, None
     return runner
 
 

@@ -11,10 +11,10 @@ and probes again now and then because acceptance drifts with the requests: 200 s
 a probe, then twice as long each time the answer stays the same (up to 1,600 steps), so
 that a mode which keeps losing costs less and less. A probe that found the losing mode far
 slower waits longer from the start: its steps in the losing mode, priced at how much slower
-that mode was, must be at most `probe_budget` (1%) of the steps until the next probe. (Drafting
-at 0.57x of plain per token: a probe's 6 drafting steps then cost 6 x 0.75 = 4.5 steps,
-about 2% of 200.) A bucket not yet measured starts from what the
-others imply where they do (drafting that loses at batch 2 loses at batch 8), so that a
+that mode was, must be at most `probe_budget` (1%) of the steps until the next probe.
+(Drafting at 0.57x of plain per token: a probe's 8 drafting steps, 6 timed and 2
+switch-over steps, then cost 8 x 0.75 = 6 steps, 3% of 200.) A bucket not yet measured
+starts from what the others imply where they do (drafting that loses at batch 2 loses at batch 8), so that a
 batch draining from 8 to 1 requests does not probe every bucket on its way.
 
 Each mode's figure is the median step time over the mean tokens per step, from a short
@@ -58,6 +58,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Literal, get_args
+
+from typing_extensions import override
 
 
 # "adaptive": the switch decides per batch-size bucket; "always": draft every step;
@@ -196,7 +198,11 @@ class DraftSwitch:
         """Steps between probes at which the losing mode's probe steps, priced at how much
         slower per token it ran, are `probe_budget` of the time."""
         slower = max(costs.values()) / min(costs.values()) - 1
-        return math.ceil(self.probe_steps * slower / self.probe_budget)
+        return math.ceil(self._probe_steps_in_each_mode() * slower / self.probe_budget)
+
+    def _probe_steps_in_each_mode(self) -> int:
+        """A probe runs each mode for its timed steps plus a switch-over step per block."""
+        return self.probe_steps + math.ceil(self.probe_steps / self.probe_block)
 
     def _implied(self, batch_size: int) -> bool | None:
         """What the other buckets' probes imply for a bucket not yet measured. A bigger batch
@@ -233,11 +239,17 @@ class VerifySwitch(DraftSwitch):
     # paid at a batch size pays at bigger ones.
     WINS_UPWARD = True
 
+    @override
+    def _probe_steps_in_each_mode(self) -> int:
+        return self.probe_steps  # no switch-over steps: switching costs nothing here
+
+    @override
     def _probe_mode(self, b: _Bucket, counts: dict[bool, int]) -> bool:
         """The other mode than the last step's, unless that one is measured already."""
         mode = True if self._last is None else not self._last
         return mode if counts[mode] < self.probe_steps else not mode
 
+    @override
     def step(self, batch_size: int, decode_only: bool, now: float | None = None) -> bool:
         """A drafting step begins: close the previous one (timed under the mode it verified
         with, if it verified drafts and prefilled nothing) and choose how this step's drafts

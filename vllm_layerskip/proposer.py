@@ -128,8 +128,9 @@ class LayerSkipProposer(DraftModelProposer):
         self.noise_sampler = noise_sampler
         self.confidence_threshold = chosen.draft_confidence_threshold
         # Save the layer-E states of the drafted tokens, so that verification runs only
-        # layers >= E for them (runner.py); off: the stock forward verifies.
-        self.reuse_exit_states = chosen.verify_from_exit_states
+        # layers >= E for them (runner.py); off: the stock forward verifies. With adaptive
+        # verification the runner sets it step by step.
+        self.reuse_exit_states = chosen.verification != "stock"
 
     @override
     def load_model(self, target_model: nn.Module) -> None:

@@ -60,8 +60,7 @@ class LayerSkipRunnerMixin:
         self.engine_draft_fetches = 0  # take_draft_token_ids calls from the engine core
         self.plain_steps = 0  # steps run on vLLM's non-speculative path
         self.verify_switch: VerifySwitch | None = None
-        self.set_verification({True: "split", False: "stock"}.get(
-            settings.verify_from_exit_states, ADAPTIVE))
+        self.set_verification(settings.verification)
 
     @override
     def _update_states(self, scheduler_output):
@@ -168,13 +167,17 @@ class LayerSkipRunnerMixin:
             if spec_decode_metadata is not None:
                 spec_decode_metadata = with_seeded_rows(spec_decode_metadata, seeded)
         output = super()._sample(logits, spec_decode_metadata)
-        switches = [switch for switch, on in ((self.draft_switch, self.drafting == "adaptive"),
-                                              (self.verify_switch, self.verify_switch is not None)) if on]
-        if switches:
+        if switches := self._timing_switches():
             generated = int((output.sampled_token_ids >= 0).sum())
             for switch in switches:
                 switch.tokens_generated(generated)
         return output
+
+    def _timing_switches(self) -> list[DraftSwitch]:
+        """The switches that time this engine's steps: drafting's in adaptive mode, and
+        verification's when it is adaptive."""
+        switches = [self.draft_switch] if self.drafting == "adaptive" else []
+        return switches + ([self.verify_switch] if self.verify_switch is not None else [])
 
     @override
     def sample_tokens(self, grammar_output):
@@ -291,7 +294,6 @@ class LayerSkipRunnerMixin:
         hidden[plan.reuse_index] = plan.reuse_hidden.to(hidden.dtype)
         residual[plan.reuse_index] = plan.reuse_residual.to(residual.dtype)
         return drafter.upper_layers(positions, hidden, residual)
-
 
 
 @functools.cache

@@ -47,6 +47,13 @@ class LayerSkipSettings:
     # both per batch-size bucket on drafting steps and keeps the faster.
     verify_from_exit_states: bool | str = True
 
+    @property
+    def verification(self) -> str:
+        """How drafts are verified: "split", "stock" or "adaptive"."""
+        if self.verify_from_exit_states == ADAPTIVE:
+            return ADAPTIVE
+        return "split" if self.verify_from_exit_states else "stock"
+
     def as_dict(self) -> dict:
         return asdict(self)
 
