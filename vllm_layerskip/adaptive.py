@@ -14,8 +14,9 @@ slower waits longer from the start: its steps in the losing mode, priced at how 
 that mode was, must be at most `probe_budget` (1%) of the steps until the next probe.
 (Drafting at 0.57x of plain per token: a probe's 8 drafting steps, 6 timed and 2
 switch-over steps, then cost 8 x 0.75 = 6 steps, 3% of 200.) A bucket not yet measured
-starts from what the others imply where they do (drafting that loses at batch 2 loses at batch 8), so that a
-batch draining from 8 to 1 requests does not probe every bucket on its way.
+starts from what the others imply where they do (drafting that loses at batch 2 loses at
+batch 8), so that a batch draining from 8 to 1 requests does not probe every bucket on its
+way.
 
 Each mode's figure is the median step time over the mean tokens per step, from a short
 window of recent decode steps. The median because noise (a new request's prefill landing in
@@ -120,24 +121,29 @@ class DraftSwitch:
         self.probe_budget = probe_budget
         self.window = window
         self.buckets: dict[int, _Bucket] = {}
-        self._open: tuple | None = None  # (start, batch, drafted, decode_only, counted) of the open step
+        # (start, batch, mode it is timed under or None, decode_only) of the open step
+        self._open: tuple[float, int, bool | None, bool] | None = None
         self._tokens = 0  # tokens the open step has produced so far
-        self._last: bool | None = None  # whether the step before the open one drafted
+        self._last: bool | None = None  # the mode chosen for the step before the open one
 
     def step(self, batch_size: int, decode_only: bool, now: float | None = None) -> bool:
         """A new engine step for `batch_size` requests begins; `decode_only`: it prefills
         nothing. Close the previous step (its wall time and tokens go into its bucket if it
-        was decode-only and ran the same mode as the step before it) and decide whether
-        this one drafts."""
+        was decode-only and has a mode to be timed under) and choose this one's mode."""
         now = time.perf_counter() if now is None else now
         if self._open is not None:
-            started, batch, drafted, was_decode_only, counted = self._open
-            if was_decode_only and counted:
-                self.record(batch, drafted, now - started, self._tokens)
-        drafting = self.choose(batch_size)
-        self._open = (now, batch_size, drafting, decode_only, drafting == self._last)
-        self._tokens, self._last = 0, drafting
-        return drafting
+            started, batch, timed_as, was_decode_only = self._open
+            if was_decode_only and timed_as is not None:
+                self.record(batch, timed_as, now - started, self._tokens)
+        chosen = self.choose(batch_size)
+        self._open = (now, batch_size, self._timed_as(chosen), decode_only)
+        self._tokens, self._last = 0, chosen
+        return chosen
+
+    def _timed_as(self, chosen: bool) -> bool | None:
+        """A step is timed under its mode only if the step before it ran the same mode (a
+        switch-over step is paid for partly by its neighbour)."""
+        return chosen if chosen == self._last else None
 
     def restart(self) -> None:
         """Forget the open step (drafting was switched by hand while it ran)."""
@@ -232,7 +238,8 @@ class VerifySwitch(DraftSwitch):
     forward (False). The choice made while a step drafts decides how the next step verifies
     those drafts (the draft saves its layer-E states only for split verification), so a
     step is timed under the mode chosen one drafting step earlier. Switching between the two
-    costs nothing, so a probe alternates them step by step."""
+    costs nothing, so a probe alternates them step by step. The runner calls step() on
+    drafting steps only, and restart() on the others."""
 
     ARMS = ("split", "stock")
     # Split saves compute that grows with the batch at a fixed cost per step: split that
@@ -250,17 +257,7 @@ class VerifySwitch(DraftSwitch):
         return mode if counts[mode] < self.probe_steps else not mode
 
     @override
-    def step(self, batch_size: int, decode_only: bool, now: float | None = None) -> bool:
-        """A drafting step begins: close the previous one (timed under the mode it verified
-        with, if it verified drafts and prefilled nothing) and choose how this step's drafts
-        are verified. A step that does not draft calls restart() instead."""
-        now = time.perf_counter() if now is None else now
-        if self._open is not None:
-            started, batch, verified_split, was_decode_only = self._open
-            if was_decode_only and verified_split is not None:
-                self.record(batch, verified_split, now - started, self._tokens)
-        split = self.choose(batch_size)
-        # This step verifies what the previous drafting step drafted (None: no drafts).
-        self._open = (now, batch_size, self._last, decode_only)
-        self._tokens, self._last = 0, split
-        return split
+    def _timed_as(self, chosen: bool) -> bool | None:
+        """This drafting step verifies what the previous one drafted, in the mode chosen
+        then (None after a step that did not draft: restart() was called)."""
+        return self._last
