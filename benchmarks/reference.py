@@ -76,7 +76,8 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-files", type=int, default=0, help="first N training files (0 = all)")
     ap.add_argument("--eval-blocks", type=int, default=64)
-    ap.add_argument("--no-eval", action="store_true", help="skip training.evaluate")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="skip training.evaluate (smollm2: and training.completions)")
     ap.add_argument("--split", action=argparse.BooleanOptionalAction,
                     help="the decode-cost measurement (starts vLLM engines; default: on for "
                          "scratch, off for smollm2)")

