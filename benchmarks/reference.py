@@ -69,6 +69,10 @@ def build_parser():
     ap.add_argument("--exit-window", metavar="LO:HI|all",
                     help=f"smollm2: the exits the early-exit loss trains (default {SMOL['exit_window']}, "
                          "the best of benchmarks.recipe_study; all = every exit, as the paper)")
+    ap.add_argument("--layer-dropout-max", type=float, metavar="P",
+                    help="smollm2: layer dropout's p_max for smollm2-layerskip (default: the "
+                         "preset's; 0 = off, which benchmarks.recipe_study found keeps the last "
+                         "layer's loss at the import's)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="train with training's --compile (compiled decoder layers and loss "
                          "chunks: same math, 1.8x per step on SmolLM2; default: on for smollm2, "
@@ -92,8 +96,8 @@ def parse_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.base == "scratch":
-        for flag in ("gguf", "exit_window"):
-            if getattr(args, flag):
+        for flag in ("gguf", "exit_window", "layer_dropout_max"):
+            if getattr(args, flag) is not None:
                 ap.error(f"--{flag.replace('_', '-')} applies to --base smollm2 only")
         defaults = {**SHAPE, "lr": SCRATCH_LR}
     else:
@@ -110,6 +114,8 @@ def parse_args(argv=None):
             window_flags(args.exit_window)
         except ValueError as exc:
             ap.error(str(exc))
+        if args.layer_dropout_max is not None and not 0 <= args.layer_dropout_max < 1:
+            ap.error(f"--layer-dropout-max must be in [0, 1), got {args.layer_dropout_max}")
     if args.split is None:
         args.split = args.base == "scratch"
     if args.compile is None:

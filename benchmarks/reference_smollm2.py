@@ -148,12 +148,17 @@ def train(args, base: Path, out: Path, recipe: bool, extra: tuple[str, ...] = ()
     cmd = [sys.executable, "-m", "training.finetune", "--model", str(base), "--data", *files,
            "--output", str(tmp), *schedule_flags(args), "--preset", args.preset]
     cmd += window_flags(args.exit_window) if recipe else NO_RECIPE
+    dropout = getattr(args, "layer_dropout_max", None)
+    if recipe and dropout is not None:
+        cmd += ["--layer-dropout-max", str(dropout)]
     cmd += extra
     if args.no_progress:
         cmd.append("--no-progress")
     if args.compile:
         cmd.append("--compile")
-    what = f"LayerSkip recipe {args.preset}, exits {args.exit_window}" if recipe else "no recipe"
+    what = (f"LayerSkip recipe {args.preset}, exits {args.exit_window}"
+            + (f", layer dropout p_max {dropout}" if dropout is not None else "")
+            if recipe else "no recipe")
     print(f"training {out.name}: {what}, "
           f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
           f"{len(files)} files", flush=True)
@@ -207,7 +212,8 @@ def evaluate_all(args, root: Path) -> None:
             (out / f"{BASELINE}.json").write_text(json.dumps(report["baseline"], indent=2) + "\n")
     elif is_built(base):
         evaluate(args, base, None, out, name=BASELINE, seq_len=args.seq_len, plot=False)
-    completions([root / n for n in (BASE, LAYERSKIP, BASELINE) if is_built(root / n)],
+    completions([root / n for n in (BASE, LAYERSKIP, BASELINE)
+                 if is_built(root / n, layerskip=n != BASE)],  # the import has no metadata
                 out / "completions.json")
 
 

@@ -75,9 +75,35 @@ def test_smollm2_defaults_and_flags():
     assert scratch.compile is False
     for bad in (["--base", "smollm2", "--layers", "4"], ["--gguf", "x.gguf"],
                 ["--exit-window", "1:2"], ["--base", "smollm2", "--exit-window", "9:3"],
-                ["--base", "smollm2", "--exit-window", "16-26"]):
+                ["--base", "smollm2", "--exit-window", "16-26"], ["--layer-dropout-max", "0"],
+                ["--base", "smollm2", "--layer-dropout-max", "1"],
+                ["--base", "smollm2", "--layer-dropout-max", "-0.1"]):
         with pytest.raises(SystemExit):
             reference.parse_args(bad)
+
+
+@pytest.mark.parametrize("dropout", [None, 0.0])
+def test_layer_dropout_reaches_the_recipe_training_only(tmp_path, monkeypatch, dropout):
+    """--layer-dropout-max goes to smollm2-layerskip's training.finetune; the baseline keeps
+    NO_RECIPE (dropout off anyway) and no flag is added when it is not given."""
+    from benchmarks import reference_smollm2
+    argv = ["--base", "smollm2", "--train-files", "2"]
+    args = reference.parse_args(argv + ([] if dropout is None else ["--layer-dropout-max", "0"]))
+    assert args.layer_dropout_max == dropout
+    commands = []
+    monkeypatch.setattr(reference_smollm2.subprocess, "call",
+                        lambda cmd: commands.append(cmd) or 1)  # fail: nothing is published
+    for recipe in (True, False):
+        with pytest.raises(SystemExit, match="training .* failed"):
+            reference_smollm2.train(args, tmp_path / "base", tmp_path / "out", recipe)
+    with_recipe, baseline = commands
+    flags = [i for i, a in enumerate(with_recipe) if a == "--layer-dropout-max"]
+    if dropout is None:
+        assert not flags
+    else:
+        assert len(flags) == 1 and with_recipe[flags[0] + 1] == "0.0"
+    assert baseline[baseline.index("--layer-dropout-max") + 1] == "0"  # NO_RECIPE's
+    assert not (tmp_path / "out").exists()
 
 
 def test_training_data_excludes_heldout_files():
