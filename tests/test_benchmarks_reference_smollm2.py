@@ -82,14 +82,15 @@ def test_smollm2_defaults_and_flags():
             reference.parse_args(bad)
 
 
-@pytest.mark.parametrize("dropout", [None, 0.0])
-def test_layer_dropout_reaches_the_recipe_training_only(tmp_path, monkeypatch, dropout):
-    """--layer-dropout-max goes to smollm2-layerskip's training.finetune; the baseline keeps
-    NO_RECIPE (dropout off anyway) and no flag is added when it is not given."""
+@pytest.mark.parametrize("flag, dropout", [(None, "0.0"), ("0.1", "0.1")])
+def test_layer_dropout_reaches_the_recipe_training_only(tmp_path, monkeypatch, flag, dropout):
+    """--layer-dropout-max (default 0: off) goes to smollm2-layerskip's training.finetune;
+    the baseline keeps NO_RECIPE's."""
     from benchmarks import reference_smollm2
     argv = ["--base", "smollm2", "--train-files", "2"]
-    args = reference.parse_args(argv + ([] if dropout is None else ["--layer-dropout-max", "0"]))
-    assert args.layer_dropout_max == dropout
+    args = reference.parse_args(argv + ([] if flag is None else ["--layer-dropout-max", flag]))
+    assert args.layer_dropout_max == float(dropout)
+    assert reference.parse_args([]).layer_dropout_max is None  # scratch: the preset's
     commands = []
     monkeypatch.setattr(reference_smollm2.subprocess, "call",
                         lambda cmd: commands.append(cmd) or 1)  # fail: nothing is published
@@ -98,10 +99,7 @@ def test_layer_dropout_reaches_the_recipe_training_only(tmp_path, monkeypatch, d
             reference_smollm2.train(args, tmp_path / "base", tmp_path / "out", recipe)
     with_recipe, baseline = commands
     flags = [i for i, a in enumerate(with_recipe) if a == "--layer-dropout-max"]
-    if dropout is None:
-        assert not flags
-    else:
-        assert len(flags) == 1 and with_recipe[flags[0] + 1] == "0.0"
+    assert len(flags) == 1 and with_recipe[flags[0] + 1] == dropout
     assert baseline[baseline.index("--layer-dropout-max") + 1] == "0"  # NO_RECIPE's
     assert not (tmp_path / "out").exists()
 
@@ -157,7 +155,8 @@ def test_builds_three_models_evaluates_then_reuses(tmp_path, tiny_gguf):
     assert "layerskip" not in json.loads((tmp_path / "smollm2" / "config.json").read_text())
     meta = json.loads((tmp_path / "smollm2-layerskip" / "config.json").read_text())["layerskip"]
     base = json.loads((tmp_path / "smollm2-baseline" / "config.json").read_text())["layerskip"]
-    assert meta["recipe"]["early_exit_scale"] > 0 and meta["recipe"]["layer_dropout_max"] > 0
+    # The recipe without layer dropout: the smollm2 build's default.
+    assert meta["recipe"]["early_exit_scale"] > 0 and meta["recipe"]["layer_dropout_max"] == 0
     assert (meta["recipe"]["min_exit_layer"], meta["recipe"]["max_exit_layer"]) == (1, 1)
     assert meta["training"]["mode"] == "finetune" and meta["training"]["steps"] == 2
     assert meta["training"]["base_model"] == str(tmp_path / "smollm2")
@@ -217,6 +216,7 @@ def test_demo_build_fine_tunes_the_cached_import(tmp_path, tiny_gguf):
     meta = json.loads((out / "config.json").read_text())["layerskip"]
     assert meta["training"]["steps"] == 2 and meta["recipe"]["early_exit_scale"] > 0
     assert meta["recipe"]["max_exit_layer"] == 1
+    assert meta["recipe"]["layer_dropout_max"] == 0  # as the reference build's default
     assert 0 < meta["calibration"]["heldout_sequences"] <= 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2", "smollm2-demo"]
 
