@@ -34,6 +34,7 @@ from pathlib import Path
 
 from benchmarks import reference_smollm2 as smol
 from benchmarks.prompts import load_prompts, training_files
+from benchmarks.machine import add_dtype_flag
 from benchmarks.measure import cell_key
 from benchmarks.runner import WorkerError, run_worker
 from benchmarks.systems import read_config, resolve_spec, vllm_engine_kwargs
@@ -68,6 +69,7 @@ def build_parser():
         g.add_argument("--" + key.replace("_", "-"), type=int, help=f"default: {val}{also}")
     g.add_argument("--train-files", type=int, default=0,
                    help="train on the first N training-split files only (0 = all)")
+    add_dtype_flag(ap)
     ap.add_argument("--num-prompts", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3,
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
         print(smollm2_header(cfg))
     print(f"Model: Llama, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}; "
           f"LayerSkip exit_layer={e}, num_speculative_tokens={k}; greedy, "
-          f"{args.max_tokens} new tokens per prompt, bfloat16, "
+          f"{args.max_tokens} new tokens per prompt, {args.dtype}, "
           f"{'compiled' if args.compiled else 'eager (--compiled for vLLM default)'} engines.")
     prompts = load_prompts("code", args.num_prompts)
     max_len = model_len(out, cfg, prompts, args.max_tokens)
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
     res = {}
     from tqdm import tqdm
     for system in tqdm(["vllm", "layerskip"], desc="engines", unit="engine"):
-        engine = vllm_engine_kwargs(system, out.resolve(), e, k, dtype="bfloat16",
+        engine = vllm_engine_kwargs(system, out.resolve(), e, k, dtype=args.dtype,
                                     max_model_len=max_len, max_num_seqs=1,
                                     enforce_eager=not args.compiled)
         spec = {"kind": "vllm", "engine": engine, "cells": cells[system],

@@ -1,6 +1,7 @@
 """The machine a figure comes from, recorded with every benchmark result."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,6 +11,43 @@ from pathlib import Path
 # allocator or OpenMP, oneDNN's primitive cache): recorded so that figures taken with and
 # without them are not mixed.
 SPEED_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
+# The engines' --dtype. "auto" is bfloat16 where the hardware computes it (a GPU, or a CPU
+# with AVX512_BF16 or AMX) and float32 elsewhere: without those instructions a bf16 matmul
+# converts its operands on the fly. Measured on a 2-core AMD EPYC with AVX2 only
+# (2026-12-07, shipped model, eager, plain vLLM): bf16 40.4 / 68.2 tokens/s at batch 1 / 8,
+# float32 40.6 / 171.9.
+DTYPES = ("auto", "bfloat16", "float32", "float16")
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes in bfloat16 (rather than emulating it)."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def engine_dtype(name: str = "auto") -> str:
+    """`name`, with "auto" resolved for this machine (see DTYPES)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def add_dtype_flag(ap: argparse.ArgumentParser, default: str = "auto") -> None:
+    """--dtype for a benchmark's engines; args.dtype holds the resolved name."""
+    def parse(name: str) -> str:
+        try:
+            return engine_dtype(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    ap.add_argument("--dtype", default=default, type=parse, metavar="{" + ",".join(DTYPES) + "}",
+                    help=f"the engines' dtype (default {default}; auto: bfloat16 where the CPU "
+                         "computes it natively, AVX512_BF16 or AMX, float32 elsewhere)")
 
 
 def machine_info() -> dict:
@@ -25,6 +63,7 @@ def machine_info() -> dict:
     try:
         import torch
         info["torch"] = torch.__version__
+        info["native_bf16"] = native_bf16()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except Exception:
@@ -37,7 +76,9 @@ def machine_info() -> dict:
 
 def describe(machine: dict) -> str:
     """One line: processor, cores, torch, and the speed settings in force."""
-    return (f"{machine['processor']}, {machine['cpu_count']} cores, torch {machine.get('torch')}"
+    bf16 = {True: ", native bf16", False: ", no native bf16"}.get(machine.get("native_bf16"), "")
+    return (f"{machine['processor']}, {machine['cpu_count']} cores{bf16}, "
+            f"torch {machine.get('torch')}"
             + "".join(f", {k}={machine[k]}" for k in SPEED_SETTINGS if k in machine))
 
 

@@ -52,7 +52,7 @@ from benchmarks.ideal import ideal_speedup
 from benchmarks.prompts import load_prompts
 from benchmarks.runner import engine_layout
 from benchmarks.systems import resolve_spec, write_truncated_copy
-from benchmarks.machine import describe, machine_info, write_results
+from benchmarks.machine import add_dtype_flag, describe, machine_info, write_results
 
 ENGINES = {  # name -> (LayerSkip settings or None, modes timed)
     "vllm": (None, [None]),
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
                    help="engine lives per engine (each starts, measures and stops it)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size and life")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16")
+    add_dtype_flag(p)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--in-process-engine", action="store_true",
                    help="engine core and worker in the engine-life process (faster start; "

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.machine import add_dtype_flag
 from benchmarks.prompts import heldout_files, training_files
 
 DEFAULT_OUT = Path(".cache") / "models"
@@ -85,8 +86,7 @@ def build_parser():
     ap.add_argument("--split", action=argparse.BooleanOptionalAction,
                     help="the decode-cost measurement (starts vLLM engines; default: on for "
                          "scratch, off for smollm2)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="dtype of the decode-cost measurement (use the benchmarks' dtype)")
+    add_dtype_flag(ap)  # the decode-cost measurement's engines
     ap.add_argument("--no-progress", action="store_true")
     return ap
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks import report, server
 from benchmarks.loadgen import run_load
+from benchmarks.machine import add_dtype_flag
 from benchmarks.prompts import PROMPT_SETS, load_prompts
 from benchmarks.runner import default_work_dir, log_tail, process_group
 from benchmarks.systems import resolve_spec
@@ -45,7 +46,7 @@ def build_parser():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-set", choices=PROMPT_SETS, default="code")
     ap.add_argument("--prompt-chars", type=int, default=600)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    add_dtype_flag(ap)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--enforce-eager", action="store_true")

@@ -31,7 +31,7 @@ from benchmarks.overhead import MODES
 from benchmarks.prompts import load_prompts
 from benchmarks.runner import engine_layout
 from benchmarks.systems import resolve_spec
-from benchmarks.machine import describe, machine_info, write_results
+from benchmarks.machine import add_dtype_flag, describe, machine_info, write_results
 
 # (object path from the worker, attribute) -> row name
 HOOKS = {
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--dtype", default="bfloat16")
+    add_dtype_flag(p)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--in-process-engine", action="store_true",
                    help="engine core and worker in this process (faster start; smoke tests)")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks import ideal, report
-from benchmarks.machine import machine_info
+from benchmarks.machine import add_dtype_flag, machine_info
 from benchmarks.prompts import PROMPT_SETS, load_prompts
 from benchmarks.runner import WorkerError, default_work_dir, run_worker
 from benchmarks.systems import (ALL_SYSTEMS, HF_SYSTEMS, drafting_mode, hf_generate_kwargs,
@@ -70,7 +70,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompts-per-cell", type=int, default=4,
                     help="prompts per measurement at small batch (batch 1 runs them in turn)")
     ap.add_argument("--prompt-chars", type=int, default=600, help="prompt length in characters")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    add_dtype_flag(ap)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size per engine")
     ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")

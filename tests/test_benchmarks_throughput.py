@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from benchmarks.machine import engine_dtype
 from benchmarks.systems import ALL_SYSTEMS
 from benchmarks.tiny_model import build_tiny_model
 
@@ -67,7 +68,7 @@ def test_schema_and_baseline(run):
         if row["system"] in ("vllm-draft-truncated", "layerskip") and row["temperature"] == 0:
             assert row["ideal_speedup"] is not None and row["ideal_speedup"] > 0
     assert "1" in data["calibration"]
-    assert data["settings"]["dtype"] == "bfloat16"
+    assert data["settings"]["dtype"] == engine_dtype()  # "auto", resolved for this machine
 
 
 def test_markdown_and_chart(run):

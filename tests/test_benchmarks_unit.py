@@ -363,3 +363,29 @@ def test_step_profile_reports_milliseconds_per_engine_step_per_hook():
     assert rows["drafter.propose"]["always"] == pytest.approx(6.0)
     assert rows["drafter.propose"]["off"] == 0 and rows["drafter.propose"]["off calls"] == 0
     assert rows["drafter.propose"]["always calls"] == 1.0
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected",
+                         [(False, False, "float32"), (True, False, "bfloat16"),
+                          (False, True, "bfloat16")])
+def test_engine_dtype_auto_follows_the_cpu(monkeypatch, avx512_bf16, amx, expected):
+    """auto is bfloat16 only where the CPU computes it; a named dtype is kept; --dtype
+    holds the resolved name, and a bad one is refused naming what is allowed."""
+    import argparse
+    import torch
+    from benchmarks import machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert machine.engine_dtype() == machine.engine_dtype("auto") == expected
+    assert machine.engine_dtype("float16") == "float16"
+    assert machine.machine_info()["native_bf16"] == (expected == "bfloat16")
+    with pytest.raises(ValueError, match="auto, bfloat16, float32, float16"):
+        machine.engine_dtype("int8")
+    ap = argparse.ArgumentParser()
+    machine.add_dtype_flag(ap)
+    assert ap.parse_args([]).dtype == expected
+    assert ap.parse_args(["--dtype", "auto"]).dtype == expected
+    assert ap.parse_args(["--dtype", "float32"]).dtype == "float32"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--dtype", "int8"])
