@@ -82,9 +82,11 @@ def describe(machine: dict) -> str:
             + "".join(f", {k}={machine[k]}" for k in SPEED_SETTINGS if k in machine))
 
 
-def write_results(payload: dict, md: str, json_path: Path | None, md_path: Path | None) -> None:
-    """Print the markdown; write the JSON and the markdown where asked."""
-    print(md)
+def write_results(payload: dict, md: str, json_path: Path | None, md_path: Path | None,
+                  echo: bool = True) -> None:
+    """Print the markdown (if `echo`); write the JSON and the markdown where asked."""
+    if echo:
+        print(md)
     for path, text in ((json_path, json.dumps(payload, indent=2) + "\n"), (md_path, md)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ round, whose drafts are never verified).
 
 **One engine alive at a time.** Each round starts every engine in turn, in its own process:
 start, warm up, time each batch size `--repeats` times (median), shut down. Odd rounds
-reverse the order. Ratios are taken within a round, then the median over rounds. Engines
+reverse the order. Ratios are taken within a round, then the median over rounds; --json and
+--md are written after every round, so a run stopped early keeps the rounds it finished. Engines
 alive side by side were not comparable on the 2-core Xeon: the engine created first ran
 8-30% slower than an identical one created after it, with or without its helper threads
 pinned off the worker's core (cause not found). Each engine's helpers are still pinned
@@ -217,10 +218,12 @@ def summarise(runs: dict, b: int, k: int, max_tokens: int) -> dict:
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     silenced = " (layers >= E silenced: every draft accepted)" if meta.get("silent_upper") else ""
+    asked = meta.get("rounds_asked", meta["rounds"])
+    unfinished = f" (of {asked} asked)" if asked != meta["rounds"] else ""
     lines = [f"Model `{meta['model']}`{silenced}, exit_layer {meta['exit_layer']}, K {meta['k']}, "
              f"{meta['dtype']}, {'eager' if meta['enforce_eager'] else 'compiled'}, greedy code "
              f"prompts, {meta['max_tokens']} new tokens; one engine alive at a time, "
-             f"{meta['rounds']} lives each (order reversed every other round), median of "
+             f"{meta['rounds']} lives each{unfinished} (order reversed every other round), median of "
              f"{meta['repeats']} runs per life, median over lives; {meta['machine']}.", "",
              "| batch | plain tok/s | control | forced off | adaptive | "
              + " | ".join(f"drafting, {name} verify" for name in VERIFY_PATHS) + " |",
@@ -302,19 +305,27 @@ def main(argv=None) -> int:
                 finally:
                     engine.close()
                 bar.update()
-    rows = [summarise(runs[b], b, k, args.max_tokens) for b in batches]
-    for row in rows:
-        print(json.dumps(row), flush=True)
+            # After every round, so that a run stopped or cut off keeps the rounds it finished.
+            report(args, e, k, runs, r + 1, pinning, final=r + 1 == args.rounds)
+    return 0
+
+
+def report(args, e: int, k: int, runs: dict, rounds_done: int, pinning: dict,
+           final: bool) -> None:
+    """Write the JSON and markdown of the `rounds_done` rounds so far (printed at the end)."""
+    rows = [summarise(runs[b], b, k, args.max_tokens) for b in sorted(runs)]
     meta = {"model": args.model, "silent_upper": args.silent_upper, "exit_layer": e, "k": k,
             "dtype": args.dtype,
             "enforce_eager": args.enforce_eager, "in_process_engine": args.in_process_engine,
-            "max_tokens": args.max_tokens, "rounds": args.rounds,
+            "max_tokens": args.max_tokens, "rounds": rounds_done, "rounds_asked": args.rounds,
             "repeats": args.repeats, "engine_lives": "one engine alive at a time",
             "pinning": pinning,
             "machine": describe(machine_info())}
     md = to_markdown(meta, rows)
-    write_results({"meta": meta, "rows": rows, "runs": runs}, md, args.json, args.md)
-    return 0
+    if final:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+    write_results({"meta": meta, "rows": rows, "runs": runs}, md, args.json, args.md, echo=final)
 
 
 if __name__ == "__main__":
