@@ -306,13 +306,13 @@ def main(argv=None) -> int:
                     engine.close()
                 bar.update()
             # After every round, so that a run stopped or cut off keeps the rounds it finished.
-            report(args, e, k, runs, r + 1, pinning, final=r + 1 == args.rounds)
+            report(args, e, k, runs, r + 1, pinning)
     return 0
 
 
-def report(args, e: int, k: int, runs: dict, rounds_done: int, pinning: dict,
-           final: bool) -> None:
+def report(args, e: int, k: int, runs: dict, rounds_done: int, pinning: dict) -> None:
     """Write the JSON and markdown of the `rounds_done` rounds so far (printed at the end)."""
+    final = rounds_done == args.rounds
     rows = [summarise(runs[b], b, k, args.max_tokens) for b in sorted(runs)]
     meta = {"model": args.model, "silent_upper": args.silent_upper, "exit_layer": e, "k": k,
             "dtype": args.dtype,
