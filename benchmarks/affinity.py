@@ -63,3 +63,13 @@ def pin_engine_processes(root_pid: int | None = None) -> dict:
         except OSError:
             pass  # the thread ended meanwhile
     return {"worker_cores": sorted(worker), "other_cores": sorted(other), "threads_pinned": pinned}
+
+
+def bound_cores(pid: int | None = None) -> list[int]:
+    """The cores that the bound threads of process `pid` (default: this one) may run on:
+    those of its threads whose affinity is a strict subset of the machine's cores, as a
+    worker's OpenMP threads are after vLLM binds them. [] where no thread is bound."""
+    proc = psutil.Process(pid or os.getpid())
+    all_cpus = set(range(psutil.cpu_count()))
+    worker, _ = split_cores(all_cpus, [m for tid in _threads(proc) if (m := _affinity(tid))])
+    return sorted(worker)

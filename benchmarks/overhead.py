@@ -109,18 +109,31 @@ def timed_run(llm, prompts, params, mode: str | None) -> dict:
     return out
 
 
-def serve(conn, engine_args: tuple, max_tokens: int) -> None:
-    """Engine process: start one engine, then time (batch size, drafting mode) requests
-    sent over `conn` until it receives None."""
+def worker_threads(worker=None) -> dict:
+    """Worker side (LLM.collective_rpc): torch's thread count, and the cores its bound
+    threads may run on ([]: none bound)."""
+    import torch
+
+    from benchmarks.affinity import bound_cores
+
+    return {"torch_threads": torch.get_num_threads(), "bound_cores": bound_cores()}
+
+
+def serve(conn, engine_args: tuple, max_tokens: int, env: dict | None = None) -> None:
+    """Engine process: set `env`, start one engine, then time (batch size, drafting mode)
+    requests sent over `conn` until it receives None."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # worker_threads travels pickled
+    os.environ.update(env or {})
     from vllm import SamplingParams
 
     llm = start(*engine_args)
     pinned = pin_engine_processes()
+    worker = llm.collective_rpc(worker_threads)[0]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens,
                             ignore_eos=True)
     prompts = load_prompts("code", engine_args[4])
-    conn.send(("ready", pinned))
+    conn.send(("ready", pinned, worker))
     try:
         while (request := conn.recv()) is not None:
             batch, mode = request
@@ -130,14 +143,16 @@ def serve(conn, engine_args: tuple, max_tokens: int) -> None:
 
 
 class EngineProcess:
-    def __init__(self, engine_args: tuple, max_tokens: int):
+    """One engine in a process of its own (`env` set there before vLLM is imported)."""
+
+    def __init__(self, engine_args: tuple, max_tokens: int, env: dict | None = None):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         # Not a daemon: the engine starts processes of its own.
-        self.process = context.Process(target=serve, args=(child, engine_args, max_tokens))
+        self.process = context.Process(target=serve, args=(child, engine_args, max_tokens, env))
         self.process.start()
-        try:
-            status, self.pinned = self.conn.recv()
+        try:  # what was pinned (affinity.py), and the worker's threads (worker_threads)
+            status, self.pinned, self.worker = self.conn.recv()
         except EOFError:
             status = None
         if status != "ready":
