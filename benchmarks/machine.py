@@ -20,20 +20,13 @@ SPEED_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "ONEDNN_PRIMITIVE_CACHE_CAPACI
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 
 
-def native_bf16() -> bool:
-    """Whether this machine computes in bfloat16 (rather than emulating it)."""
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 def engine_dtype(name: str = "auto") -> str:
     """`name`, with "auto" resolved for this machine (see DTYPES)."""
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name != "auto":
         return name
+    from training.hardware import native_bf16  # imports torch: not at every CLI's start
     return "bfloat16" if native_bf16() else "float32"
 
 
@@ -62,6 +55,8 @@ def machine_info() -> dict:
         pass
     try:
         import torch
+
+        from training.hardware import native_bf16
         info["torch"] = torch.__version__
         info["native_bf16"] = native_bf16()
         if torch.cuda.is_available():

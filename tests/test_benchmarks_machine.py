@@ -9,8 +9,9 @@ import pytest
                          [(False, False, "float32"), (True, False, "bfloat16"),
                           (False, True, "bfloat16")])
 def test_engine_dtype_auto_follows_the_cpu(monkeypatch, avx512_bf16, amx, expected):
-    """auto is bfloat16 only where the CPU computes it; a named dtype is kept; --dtype
-    holds the resolved name, and a bad one is refused naming what is allowed."""
+    """auto is bfloat16 only where the CPU computes it (so is the trainer's autocast); a
+    named dtype is kept; --dtype holds the resolved name, and a bad one is refused naming
+    what is allowed."""
     import argparse
     import torch
     from benchmarks import machine
@@ -20,6 +21,10 @@ def test_engine_dtype_auto_follows_the_cpu(monkeypatch, avx512_bf16, amx, expect
     assert machine.engine_dtype() == machine.engine_dtype("auto") == expected
     assert machine.engine_dtype("float16") == "float16"
     assert machine.machine_info()["native_bf16"] == (expected == "bfloat16")
+    # The trainer's autocast asks the same question (training/hardware.py), unless told.
+    from training.trainer import use_bf16
+    assert use_bf16(None, torch.device("cpu")) == (expected == "bfloat16")
+    assert use_bf16(False, torch.device("cpu")) is False
     with pytest.raises(ValueError, match="auto, bfloat16, float32, float16"):
         machine.engine_dtype("int8")
     ap = argparse.ArgumentParser()

@@ -21,6 +21,7 @@ from .data import batch_indices
 from .distributed import DistEnv, all_reduce_mean, barrier, wrap
 from .errors import ConfigError
 from .evaluate import per_exit_stats
+from .hardware import native_bf16
 from .layer_dropout import sample_keep_mask
 from .layerskip_model import DEFAULT_LOSS_CHUNK, LayerSkipLM
 from .metadata import write_layerskip_metadata
@@ -117,13 +118,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def use_bf16(requested: bool | None, device: torch.device) -> bool:
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    if requested is None:
-        return supported
-    return requested
+    """bf16 autocast as asked, or, when not asked, where `device` computes it natively."""
+    return native_bf16(device) if requested is None else requested
 
 
 def make_optimizer(params, lr: float, weight_decay: float, fused: bool = True):
