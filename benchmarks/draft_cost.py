@@ -2,7 +2,7 @@
 a vocabulary subset (`draft_vocab_size`), in one engine per setting.
 
     python -m benchmarks.draft_cost --model DIR [--exit-layer E] [--draft-vocab-sizes 0,8192]
-        [--batch-sizes 1,8,32] [--json OUT]
+        [--batch-sizes 1,8,32] [--dtype auto] [--json OUT]
     python -m benchmarks.draft_cost --large-vocab-model DIR ...
 
 `--large-vocab-model` first writes a random Llama with SmolLM2-135M's shape (30 layers,
@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks.machine import add_dtype_flag, describe, machine_info
 from benchmarks.systems import num_layers, resolve_spec
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -45,10 +46,10 @@ def write_large_vocab_model(out: Path, seed: int = 0) -> Path:
 
 
 def measure(model: Path, e: int, k: int, vocab: int, batch_sizes: list[int], max_tokens: int,
-            enforce_eager: bool) -> list[dict]:
+            enforce_eager: bool, dtype: str) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=512, max_num_seqs=max(batch_sizes),
+    llm = LLM(model=str(model), dtype=dtype, max_model_len=512, max_num_seqs=max(batch_sizes),
               enforce_eager=enforce_eager, skip_tokenizer_init=True, seed=0,
               kv_cache_memory_bytes=1 << 30,
               speculative_config={"method": "layerskip", "exit_layer": e, "num_speculative_tokens": k,
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--enforce-eager", action="store_true")
+    add_dtype_flag(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -96,9 +98,11 @@ def main(argv=None) -> int:
     e, k = resolve_spec(model, args.exit_layer, args.num_speculative_tokens)
     sizes = [int(x) for x in args.draft_vocab_sizes.split(",")]
     batches = [int(x) for x in args.batch_sizes.split(",")]
-    rows = [r for n in sizes for r in measure(model, e, k, n, batches, args.max_tokens, args.enforce_eager)]
+    rows = [r for n in sizes
+            for r in measure(model, e, k, n, batches, args.max_tokens, args.enforce_eager, args.dtype)]
     layers = num_layers(model)
-    print(f"{model}: exit_layer {e} of {layers} (E/L = {e / layers:.2f}), K {k}")
+    machine = describe(machine_info())
+    print(f"{model}: exit_layer {e} of {layers} (E/L = {e / layers:.2f}), K {k}, {args.dtype}; {machine}")
     print("| draft_vocab_size | batch | full step ms | draft step ms | draft / full |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
               f"{r['draft_step_ms']:.2f} | {r['draft_cost']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": str(model), "exit_layer": e, "layers": layers,
+                                               "dtype": args.dtype, "machine": machine,
                                                "rows": rows}, indent=2) + "\n")
     return 0
 

@@ -76,3 +76,28 @@ def test_overhead_writes_each_finished_round(tmp_path, monkeypatch):
     assert overhead.main(argv + ["--rounds", "1"]) == 0
     assert json.loads(out.read_text())["meta"]["rounds"] == 1
     assert "asked" not in md.read_text()
+
+
+def test_draft_cost_runs_its_engines_in_the_machines_dtype(monkeypatch, tmp_path):
+    """benchmarks.draft_cost takes --dtype (auto by default) to every engine it starts and
+    records it with the machine (no engine: `measure` is replaced)."""
+    from benchmarks import draft_cost, machine
+    engines = []
+
+    def fake_measure(model, e, k, vocab, batches, max_tokens, eager, dtype):
+        engines.append((vocab, dtype))
+        return [{"draft_vocab_size": vocab, "batch_size": b, "full_step_ms": 10.0,
+                 "draft_step_ms": 4.0, "draft_cost": 0.4} for b in batches]
+
+    monkeypatch.setattr(draft_cost, "measure", fake_measure)
+    monkeypatch.setattr(draft_cost, "resolve_spec", lambda model, e, k: (3, k))
+    monkeypatch.setattr(draft_cost, "num_layers", lambda model: 8)
+    out = tmp_path / "cost.json"
+    assert draft_cost.main(["--model", str(tmp_path), "--batch-sizes", "1,8", "--json", str(out)]) == 0
+    auto = machine.engine_dtype()
+    assert engines == [(0, auto), (8192, auto)]
+    data = json.loads(out.read_text())
+    assert data["dtype"] == auto and data["machine"].startswith(machine.machine_info()["processor"])
+    engines.clear()
+    draft_cost.main(["--model", str(tmp_path), "--draft-vocab-sizes", "0", "--dtype", "float32"])
+    assert engines == [(0, "float32")]
