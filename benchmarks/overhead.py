@@ -143,7 +143,7 @@ def serve(conn, engine_args: tuple, max_tokens: int, env: dict | None = None) ->
 
 
 class EngineProcess:
-    """One engine in a process of its own (`env` set there before vLLM is imported)."""
+    """One engine in a process of its own (`env` set there before the engine starts)."""
 
     def __init__(self, engine_args: tuple, max_tokens: int, env: dict | None = None):
         context = multiprocessing.get_context("spawn")
