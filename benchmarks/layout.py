@@ -43,10 +43,10 @@ SYSTEMS = {"vllm": (None, None), "layerskip": ({"verify_from_exit_states": True}
 BASELINE = "default"
 
 
-def lives(rounds: int) -> list[tuple[int, str, str]]:
-    """(round, layout, system) in start order: every engine once a round, odd rounds reversed."""
+def lives(rounds: int) -> list[tuple[str, str]]:
+    """(layout, system) in start order: every engine once a round, odd rounds reversed."""
     order = [(layout, system) for layout in LAYOUTS for system in SYSTEMS]
-    return [(r, *pair) for r in range(rounds) for pair in (order[::-1] if r % 2 else order)]
+    return [pair for r in range(rounds) for pair in (order[::-1] if r % 2 else order)]
 
 
 def summarise(runs: dict[str, list[float]], batch: int, max_tokens: int) -> list[dict]:
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.batch_sizes.split(",")]
     runs: dict[int, dict[str, list[float]]] = {b: {} for b in batches}
     workers: dict[str, dict] = {}
-    for r, layout, system in tqdm(lives(args.rounds), desc="engine lives"):
+    for layout, system in tqdm(lives(args.rounds), desc="engine lives"):
         env, in_process = LAYOUTS[layout]
         layerskip, mode = SYSTEMS[system]
         engine = EngineProcess((args.model, e, k, layerskip, max(batches), args.dtype,
