@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from benchmarks.machine import add_dtype_flag, describe, machine_info, write_results
 from benchmarks.overhead import EngineProcess, median_run
-from benchmarks.systems import resolve_spec
+from benchmarks.systems import add_spec_flags, resolve_spec
 
 # layout -> (environment of the engine's process, engine core and worker in that process)
 LAYOUTS = {
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.layout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--exit-layer", type=int)
-    p.add_argument("--num-speculative-tokens", type=int)
+    add_spec_flags(p)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--rounds", type=int, default=2, help="lives per (layout, system)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size and life")

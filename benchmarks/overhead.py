@@ -52,7 +52,7 @@ from benchmarks.affinity import pin_engine_processes
 from benchmarks.ideal import ideal_speedup
 from benchmarks.prompts import load_prompts
 from benchmarks.runner import engine_layout
-from benchmarks.systems import resolve_spec, write_truncated_copy
+from benchmarks.systems import add_spec_flags, resolve_spec, write_truncated_copy
 from benchmarks.machine import add_dtype_flag, describe, machine_info, write_results
 
 ENGINES = {  # name -> (LayerSkip settings or None, modes timed)
@@ -269,8 +269,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--exit-layer", type=int)
-    p.add_argument("--num-speculative-tokens", type=int)
+    add_spec_flags(p)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3,
                    help="engine lives per engine (each starts, measures and stops it)")

@@ -24,7 +24,7 @@ from benchmarks.loadgen import run_load
 from benchmarks.machine import add_dtype_flag
 from benchmarks.prompts import PROMPT_SETS, load_prompts
 from benchmarks.runner import default_work_dir, log_tail, process_group
-from benchmarks.systems import resolve_spec
+from benchmarks.systems import add_spec_flags, resolve_spec
 from benchmarks.throughput import _int_list
 
 SERVING_SYSTEMS = ("vllm", "layerskip")
@@ -36,8 +36,7 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--exit-layer", type=int, default=None)
-    ap.add_argument("--num-speculative-tokens", type=int, default=None)
+    add_spec_flags(ap)
     ap.add_argument("--systems", default="vllm,layerskip",
                     help=f"comma-separated subset of {','.join(SERVING_SYSTEMS)}")
     ap.add_argument("--concurrency", type=_int_list("--concurrency"), default=[1, 8, 32])

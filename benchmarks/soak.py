@@ -33,7 +33,7 @@ from pathlib import Path
 from benchmarks import server, soak_client, soak_report
 from benchmarks.machine import add_dtype_flag
 from benchmarks.soak_load import KIND_WEIGHTS, LoadSettings, build_load, describe
-from benchmarks.systems import resolve_spec
+from benchmarks.systems import add_spec_flags, resolve_spec
 
 SYSTEMS = ("vllm", "layerskip")
 SERVER_ENV = {
@@ -47,8 +47,7 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--exit-layer", type=int, default=None)
-    ap.add_argument("--num-speculative-tokens", type=int, default=None)
+    add_spec_flags(ap)
     ap.add_argument("--fixed-drafting", action="store_true",
                     help="adaptive_drafting off: draft on every step")
     ap.add_argument("--seed", type=int, default=0, help="decides the whole load")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from benchmarks.overhead import MODES
 from benchmarks.prompts import load_prompts
 from benchmarks.runner import engine_layout
-from benchmarks.systems import resolve_spec
+from benchmarks.systems import add_spec_flags, resolve_spec
 from benchmarks.machine import add_dtype_flag, describe, machine_info, write_results
 
 # (object path from the worker, attribute) -> row name
@@ -133,8 +133,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--exit-layer", type=int)
-    p.add_argument("--num-speculative-tokens", type=int)
+    add_spec_flags(p)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=96)

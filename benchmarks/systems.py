@@ -47,6 +47,14 @@ def layerskip_defaults(model_dir) -> dict:
     return {k: meta[k] for k in ("exit_layer", "num_speculative_tokens") if meta.get(k) is not None}
 
 
+def add_spec_flags(ap) -> None:
+    """--exit-layer and --num-speculative-tokens, each defaulting to the checkpoint's
+    metadata (resolve_spec)."""
+    ap.add_argument("--exit-layer", type=int, default=None, help="default: checkpoint metadata")
+    ap.add_argument("--num-speculative-tokens", type=int, default=None,
+                    help="draft length K (default: checkpoint metadata)")
+
+
 def resolve_spec(model_dir, exit_layer: int | None, k: int | None) -> tuple[int, int]:
     """Exit layer and draft length: flags first, then checkpoint metadata, then defaults."""
     n = num_layers(model_dir)

@@ -25,9 +25,9 @@ from benchmarks import ideal, report
 from benchmarks.machine import add_dtype_flag, machine_info
 from benchmarks.prompts import PROMPT_SETS, load_prompts
 from benchmarks.runner import WorkerError, default_work_dir, run_worker
-from benchmarks.systems import (ALL_SYSTEMS, HF_SYSTEMS, drafting_mode, hf_generate_kwargs,
-                                num_layers, parse_systems, resolve_spec, vllm_engine_kwargs,
-                                write_truncated_copy)
+from benchmarks.systems import (ALL_SYSTEMS, HF_SYSTEMS, add_spec_flags, drafting_mode,
+                                hf_generate_kwargs, num_layers, parse_systems, resolve_spec,
+                                vllm_engine_kwargs, write_truncated_copy)
 
 DRAFT_COST_RUN = "draft-step"   # plain vLLM on the truncated copy: the cost of a draft step
 
@@ -87,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(ap)
-    ap.add_argument("--exit-layer", type=int, default=None, help="default: checkpoint metadata")
-    ap.add_argument("--num-speculative-tokens", type=int, default=None,
-                    help="draft length K (default: checkpoint metadata)")
+    add_spec_flags(ap)
     ap.add_argument("--batch-sizes", type=_int_list("--batch-sizes"), default=[1, 8, 32])
     ap.add_argument("--temperatures", type=_float_list, default=[0.0, 0.8])
     ap.add_argument("--prompt-sets", type=_sets, default=list(PROMPT_SETS))
